@@ -1,0 +1,25 @@
+"""pio_fvlm: PIO-FVLM visual-token pruning for HuggingFace vision-language models.
+
+    model = pio_fvlm.wrap(model, budget=64)   # then model.generate(...) as always
+"""
+
+from .api import get_config, is_wrapped, last_selection, unwrap, wrap
+from .config import PruneConfig
+from .models import supported_model_types
+from .select import PioSelector, SelectionRequest, Selector
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PioSelector",
+    "PruneConfig",
+    "SelectionRequest",
+    "Selector",
+    "__version__",
+    "get_config",
+    "is_wrapped",
+    "last_selection",
+    "supported_model_types",
+    "unwrap",
+    "wrap",
+]

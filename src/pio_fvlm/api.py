@@ -1,0 +1,109 @@
+"""The public entry points: wrap, unwrap, last_selection."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+import torch
+from torch import nn
+
+from .config import Budget, PruneConfig
+from .models import adapter_for
+from .runtime import Runtime
+from .runtime.masks import check_attention_backend
+from .select import PioSelector, Selector
+
+_RUNTIME_ATTR = "_pio_fvlm_runtime"
+M = TypeVar("M", bound=nn.Module)
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET: Any = _Unset()
+
+
+def wrap(
+    model: M,
+    budget: Budget = _UNSET,
+    *,
+    layer: int = _UNSET,
+    nms_threshold: float | None = _UNSET,
+    proxy_tokens: int = _UNSET,
+    proxy_includes_last: bool = _UNSET,
+    positions: Literal["keep", "compact"] = _UNSET,
+    config: PruneConfig | None = None,
+    selector: Selector | None = None,
+) -> M:
+    """Make ``model`` prune visual tokens with PIO-FVLM, in place; returns the same object.
+
+    Defaults are the authors': ``budget=64, layer=1, nms_threshold=0.8, proxy_tokens=4,
+    proxy_includes_last=False, positions="keep"`` (see :class:`PruneConfig` for each).
+    ``config=`` passes the same settings as one object; giving both ``config`` and a keyword
+    is an error. Wrapping an already wrapped model replaces its settings (no stacking).
+    ``selector=`` swaps the token choice (for baselines and tests); PIO-FVLM by default.
+    """
+    keywords = {
+        "budget": budget,
+        "layer": layer,
+        "nms_threshold": nms_threshold,
+        "proxy_tokens": proxy_tokens,
+        "proxy_includes_last": proxy_includes_last,
+        "positions": positions,
+    }
+    given = {k: v for k, v in keywords.items() if v is not _UNSET}
+    if config is not None:
+        if not isinstance(config, PruneConfig):
+            raise TypeError(f"config must be a pio_fvlm.PruneConfig; got {type(config).__name__}")
+        if given:
+            raise ValueError(
+                f"pass the settings either as keywords or as config=PruneConfig(...), not both "
+                f"(got config and {sorted(given)}); use config.replace({', '.join(given)}=...) instead"
+            )
+    else:
+        config = PruneConfig(**given)  # type: ignore[arg-type]
+    adapter = adapter_for(model)
+    parts = adapter.find_parts(model)
+    config.validate(len(parts.layers))
+    check_attention_backend(parts.text_config)
+    if is_wrapped(model):
+        unwrap(model)
+    runtime = Runtime(parts, config, [(config.layer, config.budget)], selector or PioSelector())
+    runtime.install()
+    object.__setattr__(model, _RUNTIME_ATTR, runtime)
+    return model
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    """True when ``wrap`` is in effect on ``model``."""
+    return isinstance(getattr(model, _RUNTIME_ATTR, None), Runtime)
+
+
+def _runtime(model: nn.Module) -> Runtime:
+    runtime = getattr(model, _RUNTIME_ATTR, None)
+    if not isinstance(runtime, Runtime):
+        raise ValueError("this model is not wrapped: call pio_fvlm.wrap(model, budget=...) first")
+    return runtime
+
+
+def unwrap(model: M) -> M:
+    """Remove every hook and record; the model behaves exactly as before ``wrap``."""
+    _runtime(model).remove()
+    object.__delattr__(model, _RUNTIME_ATTR)
+    return model
+
+
+def get_config(model: nn.Module) -> PruneConfig:
+    """The settings a wrapped model prunes with."""
+    return _runtime(model).config
+
+
+def last_selection(model: nn.Module) -> list[torch.Tensor] | None:
+    """For the most recent prefill with visual tokens: per sample, a sorted 1-D LongTensor of
+    the positions in that call's ``input_ids`` (padding included) of the visual tokens kept.
+
+    ``None`` before any such call. Across threads, the most recent call wins.
+    """
+    return _runtime(model).last_selection()

@@ -1,0 +1,108 @@
+"""PruneConfig: every knob of the method in one validated object.
+
+Validation happens once, at ``wrap`` time, and every error says what to pass instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Literal, Union
+
+Budget = Union[int, float]
+POSITION_MODES = ("keep", "compact")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Settings of PIO-FVLM pruning.
+
+    Attributes:
+        budget: visual tokens kept per sample (all images of one prompt together). An ``int``
+            >= 1 is a count; a ``float`` in (0, 1] is a fraction of each sample's visual tokens
+            (rounded half up, at least 1). A sample with fewer visual tokens than the budget
+            keeps them all.
+        layer: the prune point p. Decoder layers ``0..p-1`` see the whole sequence, layers
+            ``p..N-1`` only text plus the kept visual tokens. ``1`` is the authors' setting.
+        nms_threshold: cosine-similarity threshold of the greedy NMS (``0.8`` as the
+            authors). ``None`` turns NMS off (plain top-k by saliency).
+        proxy_tokens: K, the number of prompt positions whose predictions form the proxy loss.
+        proxy_includes_last: ``False`` reproduces the authors' code (the K positions before
+            the last valid one); ``True`` uses the last K positions, the last one included.
+        positions: ``"keep"``: kept tokens keep their original position ids; ``"compact"``:
+            pruned layers renumber the shortened sequence contiguously (the authors' LLaVA code).
+    """
+
+    budget: Budget = 64
+    layer: int = 1
+    nms_threshold: float | None = 0.8
+    proxy_tokens: int = 4
+    proxy_includes_last: bool = False
+    positions: Literal["keep", "compact"] = "keep"
+
+    def replace(self, **changes: object) -> "PruneConfig":
+        """A copy with some fields changed (validated like the original)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def validate(self, num_layers: int) -> "PruneConfig":
+        """Check every field against a model with ``num_layers`` decoder layers.
+
+        Returns ``self`` so that it can be chained. Raises ``TypeError`` / ``ValueError``
+        with a message that names the accepted values.
+        """
+        validate_budget(self.budget)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise TypeError(
+                f"layer must be an int, the decoder layer from which on tokens are pruned "
+                f"(1 <= layer <= {num_layers - 1}); got {self.layer!r}"
+            )
+        if not 1 <= self.layer <= num_layers - 1:
+            raise ValueError(
+                f"layer={self.layer} is out of range for a language model with {num_layers} decoder "
+                f"layers: pass 1 <= layer <= {num_layers - 1} (layer 0 must see every token so that "
+                f"there are hidden states to score; 1 is the authors' setting)"
+            )
+        if self.nms_threshold is not None:
+            t = self.nms_threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+                raise TypeError(f"nms_threshold must be a float in (-1, 1] or None (no NMS); got {t!r}")
+            if not -1.0 < float(t) <= 1.0:
+                raise ValueError(
+                    f"nms_threshold={t} is not a cosine similarity: pass a value in (-1, 1] "
+                    f"(0.8 is the authors' setting) or None to disable NMS"
+                )
+        k = self.proxy_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"proxy_tokens must be an int >= 1 (4 is the authors' setting); got {k!r}")
+        if not isinstance(self.proxy_includes_last, bool):
+            raise TypeError(f"proxy_includes_last must be True or False; got {self.proxy_includes_last!r}")
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}; got {self.positions!r}")
+        return self
+
+    def as_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def validate_budget(budget: object) -> None:
+    """Raise a clear error unless ``budget`` is an int >= 1 or a float in (0, 1]."""
+    hint = (
+        "pass an int >= 1 (visual tokens kept per sample, e.g. budget=64) or a float in (0, 1] "
+        "(the fraction of each sample's visual tokens, e.g. budget=0.111)"
+    )
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be a number: {hint}; got {budget!r}")
+    if isinstance(budget, float):
+        if math.isnan(budget) or not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget={budget!r} is not a valid fraction: {hint}")
+    elif budget < 1:
+        raise ValueError(f"budget={budget!r} would keep no visual token: {hint}")
+
+
+def tokens_to_keep(budget: Budget, n_visual: int) -> int:
+    """How many of a sample's ``n_visual`` visual tokens the budget keeps (never more than exist)."""
+    if isinstance(budget, float):
+        want = max(1, math.floor(budget * n_visual + 0.5))
+    else:
+        want = budget
+    return min(want, n_visual)

@@ -1,0 +1,30 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower, projector, Llama-family LM."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter, ModelParts
+
+
+def find_llava_parts(model: nn.Module) -> ModelParts:
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None)
+    head = getattr(model, "lm_head", None)
+    if lm is None or head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no `model.language_model` and `lm_head`: wrap the whole "
+            f"LlavaForConditionalGeneration (the object `from_pretrained` returns), not a part of it"
+        )
+    return ModelParts(
+        base=inner,
+        layers=lm.layers,
+        norm=lm.norm,
+        head=head,
+        rotary=lm.rotary_emb,
+        text_config=model.config.text_config,
+        visual_token_ids=(int(model.config.image_token_id),),
+    )
+
+
+LLAVA = Adapter(name="LLaVA-1.5 (LlavaForConditionalGeneration)", model_types=("llava",), find_parts=find_llava_parts)

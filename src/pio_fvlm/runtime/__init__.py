@@ -1,0 +1,5 @@
+"""Moving data: hooks, per-call plans, masks, KV-cache records, re-expansion."""
+
+from .hooks import Runtime
+
+__all__ = ["Runtime"]

@@ -1,0 +1,394 @@
+"""The runtime: forward hooks that prune in prefill and keep cached decoding consistent.
+
+Data flow of one call (see DESIGN.md):
+
+1. A pre-hook on the VLM's base module records where this call's visual tokens are.
+2. Layers before the first prune point run untouched.
+3. The pre-hook of a stage's first layer, in a prefill with visual tokens, runs the selector
+   on the hidden states it receives and builds the stage's inputs: gathered hidden states,
+   position ids / embeddings, and a fresh attention mask of the shortened sequence. Every
+   layer of the stage gets them. Their KV cache therefore holds only kept tokens; a record
+   kept per cache object says which full positions those are.
+4. A forward hook on the last layer scatters the hidden states back to full length.
+5. Later calls with that cache (decode steps) give the stage's layers a mask built from the
+   record, so that keys line up with the short cache.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import weakref
+from functools import partial
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+from transformers.cache_utils import DynamicCache
+
+from ..config import Budget, PruneConfig, tokens_to_keep
+from ..models.base import ModelParts
+from ..select.saliency import PROBING, ProbeInputs, ProbeModules, proxy_query_positions, supports_fast_probe
+from ..select.selector import SelectionRequest, Selector
+from .masks import causal_padding_mask
+from .plan import gather_position_ids, gather_tokens, keep_index, scatter_back
+from .state import CacheRecord, CallState, StageCache, StageInputs
+
+logger = logging.getLogger("pio_fvlm")
+
+
+def _cache_of(kwargs: dict[str, Any]) -> Any:
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class Runtime:
+    """Hooks and per-cache records for one wrapped model.
+
+    Args:
+        parts: where the model's pieces are (from the adapter).
+        config: validated settings.
+        stages: ``[(prune layer, budget), ...]`` with increasing layers.
+        selector: chooses the kept visual tokens at each stage.
+    """
+
+    def __init__(
+        self, parts: ModelParts, config: PruneConfig, stages: list[tuple[int, Budget]], selector: Selector
+    ) -> None:
+        self.parts = parts
+        self.config = config
+        self.stages = stages
+        self.selector = selector
+        n_layers = len(parts.layers)
+        self.stage_of: dict[int, int] = {}
+        for s, (start, _) in enumerate(stages):
+            end = stages[s + 1][0] if s + 1 < len(stages) else n_layers
+            self.stage_of.update({i: s for i in range(start, end)})
+        self.fast_probe = [supports_fast_probe(parts.layers[start]) for start, _ in stages]
+        self._records: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._call: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
+            f"pio_fvlm_call_{id(self)}", default=None
+        )
+        self._tokens: dict[int, contextvars.Token[CallState | None]] = {}
+        self._last: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        self._handles: list[RemovableHandle] = []
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        base, layers = self.parts.base, self.parts.layers
+        self._handles.append(base.register_forward_pre_hook(self._call_start, with_kwargs=True))
+        self._handles.append(base.register_forward_hook(self._call_end, with_kwargs=True, always_call=True))
+        for i in sorted(self.stage_of):
+            hook = partial(self._layer_start, i)
+            self._handles.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+        self._handles.append(layers[-1].register_forward_hook(self._last_layer_end, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ------------------------------------------------------------------ public read-outs
+    def last_selection(self) -> list[torch.Tensor] | None:
+        """Per sample, sorted positions (in that call's input_ids) of the visual tokens kept."""
+        if self._last is None:
+            return None
+        full_index, visual = self._last
+        if full_index is None:  # nothing pruned: every visual token was kept
+            return [row.nonzero().flatten().cpu() for row in visual]
+        return [fi[v].sort().values.cpu() for fi, v in zip(full_index, visual)]
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    # ------------------------------------------------------------------ call boundaries
+    def _call_start(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(
+                f"pio_fvlm needs the 2-D padding attention_mask (batch, sequence) that the processor "
+                f"returns; got a {mask.dim()}-D mask. Pass the processor's attention_mask instead."
+            )
+        visual, n_visual, q_len = None, [], 0
+        if input_ids is not None:
+            q_len = input_ids.shape[1]
+            if q_len > 1:  # decode steps (one token) never hold visual tokens: no host read there
+                ids = torch.tensor(self.parts.visual_token_ids, device=input_ids.device)
+                visual = torch.isin(input_ids, ids)
+                n_visual = visual.sum(1).tolist()
+                if not any(n_visual):
+                    visual = None
+        elif kwargs.get("inputs_embeds") is not None:
+            q_len = kwargs["inputs_embeds"].shape[1]
+            if q_len > 1:
+                self._warn_once(
+                    "embeds",
+                    "pio_fvlm: the model was called with inputs_embeds and no input_ids, so the visual "
+                    "tokens cannot be located and nothing is pruned; pass input_ids to prune.",
+                )
+        cache = _cache_of(kwargs)
+        if cache is not None and cache.get_seq_length() == 0:
+            with self._lock:
+                self._records.pop(cache, None)  # a fresh prefill into a reused cache object
+        call = CallState(visual=visual, n_visual=n_visual, attention_mask=mask, q_len=q_len)
+        self._tokens[id(call)] = self._call.set(call)
+
+    def _call_end(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        call = self._call.get()
+        if call is None:
+            return
+        self._call.reset(self._tokens.pop(id(call)))
+        if call.record is not None and not call.pruned:
+            call.record.full_len += call.q_len
+        if call.pruned:
+            final = call.stages[len(self.stages) - 1]
+            assert final is not None
+            self._last = (final.full_index, final.visual)  # type: ignore[assignment]
+        elif call.visual is not None:
+            self._last = (None, call.visual)
+
+    # ------------------------------------------------------------------ layers
+    def _layer_start(
+        self, i: int, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if PROBING.get():
+            return None
+        call = self._call.get()
+        if call is None:
+            return None
+        s = self.stage_of[i]
+        if s not in call.stages:
+            call.stages[s] = self._prepare_stage(call, s, i, args, kwargs)
+        st = call.stages[s]
+        if st is None:
+            return None
+        hidden = _hidden_of(args, kwargs)
+        if i == st.start_layer and st.gather_index is not None:
+            hidden = gather_tokens(hidden, st.gather_index)
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = st.attention_mask
+        if st.position_ids is not None and "position_ids" in kwargs:
+            kwargs["position_ids"] = st.position_ids
+        if st.position_embeddings is not None and "position_embeddings" in kwargs:
+            kwargs["position_embeddings"] = st.position_embeddings
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _last_layer_end(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        if PROBING.get():
+            return None
+        call = self._call.get()
+        if call is None or not call.pruned or call.base_hidden is None:
+            return None
+        final = call.stages[len(self.stages) - 1]
+        assert final is not None and final.full_index is not None
+        out = output[0] if isinstance(output, tuple) else output
+        full = scatter_back(call.base_hidden, out, final.full_index)
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    # ------------------------------------------------------------------ stage preparation
+    def _prepare_stage(
+        self, call: CallState, s: int, i: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> StageInputs | None:
+        cache = _cache_of(kwargs)
+        if call.pruned:  # a later stage of a prefill that pruned already
+            return self._prune_stage(call, s, i, _hidden_of(args, kwargs), kwargs, cache)
+        with self._lock:
+            record = self._records.get(cache) if cache is not None else None
+        if record is not None:
+            return self._continue_stage(call, record, s, i, _hidden_of(args, kwargs), kwargs)
+        if s > 0 or call.visual is None:
+            return None
+        if cache is not None:
+            if not isinstance(cache, DynamicCache):
+                raise ValueError(
+                    f"pio_fvlm supports the default DynamicCache; got {type(cache).__name__}. Call "
+                    f"generate without cache_implementation (or with cache_implementation='dynamic')."
+                )
+            if cache.get_seq_length(i) > 0:
+                self._warn_once(
+                    "continued",
+                    "pio_fvlm: visual tokens arrived in a call that continues an unpruned KV cache; "
+                    "they are kept (only a prefill from an empty cache is pruned).",
+                )
+                return None
+        final_counts = list(call.n_visual)
+        for _, budget in self.stages:
+            final_counts = [tokens_to_keep(budget, n) for n in final_counts]
+        if final_counts == call.n_visual:
+            return None  # the budget keeps everything: leave the model exactly as it is
+        return self._prune_stage(call, s, i, _hidden_of(args, kwargs), kwargs, cache)
+
+    def _prune_stage(
+        self, call: CallState, s: int, i: int, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any
+    ) -> StageInputs:
+        """Select this stage's tokens in a prefill and build its layers' inputs."""
+        b, length = hidden.shape[:2]
+        pos_ids = kwargs.get("position_ids")
+        pos_emb = kwargs.get("position_embeddings")
+        if s == 0:
+            assert call.visual is not None
+            mask = call.attention_mask
+            valid = mask[:, -length:].bool() if mask is not None else hidden.new_ones(b, length, dtype=torch.bool)
+            visual, counts = call.visual, call.n_visual
+            full_index = torch.arange(length, device=hidden.device).expand(b, length)
+            layer_kwargs = kwargs
+            removed_before = torch.zeros(b, dtype=torch.long, device=hidden.device)
+        else:
+            prev = call.stages[s - 1]
+            assert prev is not None and prev.full_index is not None and prev.visual is not None
+            valid, visual, counts, full_index = prev.valid, prev.visual, prev.counts or [], prev.full_index
+            pos_ids = prev.position_ids if prev.position_ids is not None else pos_ids
+            pos_emb = prev.position_embeddings if prev.position_embeddings is not None else pos_emb
+            layer_kwargs = {**kwargs, "attention_mask": prev.attention_mask}
+            if pos_ids is not None:
+                layer_kwargs["position_ids"] = pos_ids
+            if pos_emb is not None:
+                layer_kwargs["position_embeddings"] = pos_emb
+            assert call.record is not None or cache is None
+            removed_before = call.record.stages[-1].removed if call.record is not None else None
+        budget = self.stages[s][1]
+        keep_counts = [tokens_to_keep(budget, n) for n in counts]
+
+        if keep_counts == counts:  # this stage keeps everything that is left: a pass-through
+            if s > 0:
+                prev_inputs = call.stages[s - 1]
+                assert prev_inputs is not None and prev_inputs.full_index is not None
+                self._record_stage(call, cache, prev_inputs.full_index, None)
+                return prev_inputs
+            call.base_hidden, call.pruned = hidden, True
+            self._record_stage(call, cache, full_index, removed_before)
+            return StageInputs(
+                start_layer=i,
+                valid=valid,
+                attention_mask=kwargs.get("attention_mask"),
+                position_ids=None,
+                position_embeddings=None,
+                full_index=full_index,
+                visual=visual,
+                counts=counts,
+            )
+
+        cfg = self.config
+        request = SelectionRequest(
+            probe_inputs=ProbeInputs(
+                hidden=hidden,
+                valid=valid,
+                query_positions=proxy_query_positions(valid, cfg.proxy_tokens, cfg.proxy_includes_last),
+                layer_kwargs=layer_kwargs,
+                position_embeddings=pos_emb,
+            ),
+            probe_modules=ProbeModules(self.parts.layers[i], self.parts.norm, self.parts.head),
+            candidates=visual,
+            budgets=torch.tensor(keep_counts, device=hidden.device),
+            config=cfg,
+            fast_probe=self.fast_probe[s] and pos_emb is not None,
+        )
+        keep_visual = self.selector(request)
+        keep = ~visual | keep_visual
+        new_counts = [length - c + k for c, k in zip(counts, keep_counts)]
+        index, slot_valid = keep_index(keep, new_counts)
+        valid_new = valid.gather(1, index) & slot_valid
+        visual_new = visual.gather(1, index) & slot_valid
+        full_new = full_index.gather(1, index).masked_fill(~slot_valid, -1)
+
+        new_ids, new_emb = None, None
+        if cfg.positions == "keep":
+            new_ids = gather_position_ids(pos_ids, index) if pos_ids is not None else None
+            new_emb = tuple(gather_tokens(t, index) for t in pos_emb) if pos_emb is not None else None
+        else:
+            if pos_ids is None:
+                raise ValueError("positions='compact' needs position_ids in the decoder layers' inputs")
+            dropped = (visual & ~keep_visual).long().cumsum(1)  # dropped tokens up to each position
+            src = pos_ids.expand(*pos_ids.shape[:-2], b, length) - dropped
+            new_ids = gather_position_ids(src, index)
+            new_emb = self.parts.rotary(hidden, new_ids)
+
+        if s == 0:
+            call.base_hidden = hidden
+            call.pruned = True
+        drop = torch.tensor([c - k for c, k in zip(counts, keep_counts)], device=hidden.device)
+        self._record_stage(call, cache, full_new, drop + (removed_before if removed_before is not None else 0))
+        return StageInputs(
+            start_layer=i,
+            valid=valid_new,
+            attention_mask=causal_padding_mask(self.parts.text_config, valid_new, valid_new.shape[1], hidden.dtype),
+            position_ids=new_ids,
+            position_embeddings=new_emb,  # type: ignore[arg-type]
+            gather_index=index,
+            full_index=full_new,
+            visual=visual_new,
+            counts=keep_counts,
+        )
+
+    def _record_stage(
+        self, call: CallState, cache: Any, full_index: torch.Tensor, removed: torch.Tensor | None
+    ) -> None:
+        """Remember which full positions this stage's cache slots hold (for later calls)."""
+        if cache is None:
+            return
+        if call.record is None:
+            call.record = CacheRecord(full_len=call.q_len, stages=[])
+            with self._lock:
+                self._records[cache] = call.record
+        if removed is None:
+            removed = call.record.stages[-1].removed
+        call.record.stages.append(StageCache(full_index=full_index, removed=removed))
+
+    def _continue_stage(
+        self, call: CallState, record: CacheRecord, s: int, i: int, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> StageInputs:
+        """A call after a pruned prefill: its tokens are all kept; keys follow the record."""
+        call.record = record
+        sc = record.stages[s]
+        b, q = hidden.shape[:2]
+        past = record.full_len
+        if sc.full_index.shape[0] != b:
+            raise ValueError(
+                f"this KV cache was pruned for a batch of {sc.full_index.shape[0]} but the call has {b} rows; "
+                f"start a new cache for a new batch"
+            )
+        mask = call.attention_mask
+        if mask is None:
+            full_mask = hidden.new_ones(b, past + q, dtype=torch.bool)
+        elif mask.shape[1] != past + q:
+            raise ValueError(
+                f"attention_mask has {mask.shape[1]} columns but the cache holds {past} tokens and the "
+                f"call adds {q}: pass the mask of the whole sequence so far ({past + q} columns)"
+            )
+        else:
+            full_mask = mask.bool()
+        cached = full_mask.gather(1, sc.full_index.clamp(min=0)) & (sc.full_index >= 0)
+        padding = torch.cat([cached, full_mask[:, past:]], dim=1)
+        new_positions = torch.arange(past, past + q, device=hidden.device).expand(b, q)
+        sc.full_index = torch.cat([sc.full_index, new_positions], dim=1)
+
+        new_ids, new_emb = None, None
+        pos_ids = kwargs.get("position_ids")
+        if self.config.positions == "compact" and pos_ids is not None:
+            new_ids = pos_ids - sc.removed.view(b, 1)
+            new_emb = self.parts.rotary(hidden, new_ids)
+        return StageInputs(
+            start_layer=i,
+            valid=padding[:, -q:],
+            attention_mask=causal_padding_mask(self.parts.text_config, padding, q, hidden.dtype),
+            position_ids=new_ids,
+            position_embeddings=new_emb,
+        )

@@ -1,0 +1,201 @@
+"""PIO-FVLM step 1: layer-local proxy loss and gradient saliency.
+
+The probe runs one decoder layer on detached hidden states, then the model's final norm and
+prediction head, takes cross-entropy against the model's own argmax at K prompt positions, and
+scores each token by the L2 norm of the loss gradient with respect to its hidden state.
+
+Two exact implementations:
+
+* :func:`full_layer_saliency` calls the real decoder layer on the whole sequence (any layer
+  type); the head runs only at the K loss positions (the loss reads nothing else).
+* :func:`fast_saliency` exploits causality: the K outputs the loss reads depend on the other
+  tokens only through their keys and values, so queries, attention output, residual, MLP,
+  norm and head are computed at the K positions alone. Same gradients, a fraction of the work.
+  It needs a Llama-style layer (see :func:`supports_fast_probe`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tensor_ops import gather_tokens
+
+# Set while the probe calls a decoder layer, so that our own layer hooks stand aside.
+PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("pio_fvlm_probing", default=False)
+
+PositionEmbeddings = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ProbeInputs:
+    """What the prune layer would receive, in the current (possibly already pruned) space.
+
+    Attributes:
+        hidden: (B, S, D) hidden states entering the probe layer.
+        valid: (B, S) bool, real tokens (False for padding / filler slots).
+        query_positions: (B, K) long, positions whose predictions form the proxy loss.
+        layer_kwargs: keyword arguments the layer receives (mask, position embeddings, ...);
+            used as they are by the full-layer probe.
+        position_embeddings: (cos, sin), each (B or 1, S, head_dim), or None.
+    """
+
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    query_positions: torch.Tensor
+    layer_kwargs: dict[str, Any]
+    position_embeddings: PositionEmbeddings | None
+
+
+@dataclass
+class ProbeModules:
+    """The pretrained pieces the probe runs: one decoder layer, the final norm, the head."""
+
+    layer: nn.Module
+    norm: nn.Module
+    head: nn.Module
+
+
+def proxy_query_positions(valid: torch.Tensor, k: int, include_last: bool) -> torch.Tensor:
+    """The K positions of each row whose predictions enter the proxy loss.
+
+    The authors' code shifts logits like a training loss, so by default these are the K
+    positions before the last valid one (L-5 .. L-2 for K=4 and valid length L).
+
+    Args:
+        valid: (B, S) bool.
+    Returns:
+        (B, K) long, clamped to the row's first valid position for very short prompts.
+    """
+    s = valid.shape[1]
+    ar = torch.arange(s, device=valid.device)
+    last = torch.where(valid, ar, -1).amax(1)
+    first = torch.where(valid, ar, s).amin(1)
+    end = last if include_last else last - 1
+    pos = end.unsqueeze(1) - (k - 1) + torch.arange(k, device=valid.device)
+    return torch.maximum(pos, first.unsqueeze(1))
+
+
+def proxy_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, K, V) logits against their own argmax: mean over K, summed over B.
+
+    Summing over the batch keeps each sample's gradient equal to its gradient run alone.
+    """
+    b, k, v = logits.shape
+    logits = logits.float()
+    labels = logits.detach().argmax(-1)
+    ce = F.cross_entropy(logits.reshape(-1, v), labels.reshape(-1), reduction="none")
+    return ce.view(b, k).mean(1).sum()
+
+
+def _detached_leaf(x: torch.Tensor) -> torch.Tensor:
+    # clone() outside inference mode turns an inference tensor into one autograd accepts.
+    return x.detach().clone().requires_grad_(True)
+
+
+def _clone_tree(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, tuple):
+        return tuple(_clone_tree(v) for v in x)
+    if isinstance(x, list):
+        return [_clone_tree(v) for v in x]
+    return x
+
+
+def _saliency_from(loss_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """Run ``loss_fn`` on a detached copy of ``hidden`` and return ||dLoss/dx_j||_2 as (B, S) fp32."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = _detached_leaf(hidden)
+        loss = loss_fn(x)
+        # Only the input gradient: autograd.grad computes no weight gradients and frees the graph.
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad.float().norm(dim=-1).detach()
+
+
+def full_layer_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
+    """Exact saliency by calling the real decoder layer on the whole sequence. Returns (B, S)."""
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        kwargs = _clone_tree(inp.layer_kwargs)
+        kwargs.update(cache=None, use_cache=False)
+        kwargs.pop("past_key_values", None)
+        token = PROBING.set(True)
+        try:
+            out = mods.layer(x, **kwargs)
+        finally:
+            PROBING.reset(token)
+        y = out[0] if isinstance(out, tuple) else out
+        y_q = gather_tokens(y, inp.query_positions.clone())
+        return proxy_loss(mods.head(mods.norm(y_q)))
+
+    return _saliency_from(loss_fn, inp.hidden)
+
+
+_FAST_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+_FAST_ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def _rotary_fn(attn: nn.Module) -> Callable[..., Any] | None:
+    module = sys.modules.get(type(attn).__module__)
+    return getattr(module, "apply_rotary_pos_emb", None)
+
+
+def supports_fast_probe(layer: nn.Module) -> bool:
+    """True for a Llama-style pre-norm layer: exactly these children and a standard rotary."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or {n for n, _ in layer.named_children()} != _FAST_LAYER_CHILDREN:
+        return False
+    if {n for n, _ in attn.named_children()} != _FAST_ATTN_CHILDREN:
+        return False
+    if getattr(attn, "sliding_window", None) is not None:
+        return False
+    needed = ("head_dim", "scaling", "num_key_value_groups")
+    return all(hasattr(attn, a) for a in needed) and _rotary_fn(attn) is not None
+
+
+def fast_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
+    """Exact saliency with queries, MLP and head only at the K loss positions. Returns (B, S).
+
+    Requires ``supports_fast_probe(mods.layer)`` and position embeddings.
+    """
+    layer = mods.layer
+    attn = layer.self_attn
+    rotary = _rotary_fn(attn)
+    assert rotary is not None and inp.position_embeddings is not None
+    b, s, _ = inp.hidden.shape
+    k_count = inp.query_positions.shape[1]
+    hd = attn.head_dim
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        # Runs outside inference mode: clones make inference tensors usable by autograd.
+        qpos = inp.query_positions.clone()
+        cos, sin = (t.detach().clone() for t in inp.position_embeddings)  # type: ignore[union-attr]
+        cos_q, sin_q = gather_tokens(cos, qpos), gather_tokens(sin, qpos)
+        key_pos = torch.arange(s, device=qpos.device)
+        allowed = inp.valid.clone().unsqueeze(1) & (key_pos.view(1, 1, s) <= qpos.unsqueeze(2))  # (B, K, S)
+        xn = layer.input_layernorm(x)
+        xn_q = gather_tokens(xn, qpos)
+        q = attn.q_proj(xn_q).view(b, k_count, -1, hd).transpose(1, 2)
+        k = attn.k_proj(xn).view(b, s, -1, hd).transpose(1, 2)
+        v = attn.v_proj(xn).view(b, s, -1, hd).transpose(1, 2)
+        q = rotary(q, q, cos_q, sin_q)[0]
+        k = rotary(k, k, cos, sin)[0]
+        groups = attn.num_key_value_groups
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(2, 3)) * attn.scaling  # (B, H, K, S)
+        scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = (probs @ v).transpose(1, 2).reshape(b, k_count, -1)
+        h = gather_tokens(x, qpos) + attn.o_proj(o)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return proxy_loss(mods.head(mods.norm(h)))
+
+    return _saliency_from(loss_fn, inp.hidden)

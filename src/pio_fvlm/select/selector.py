@@ -1,0 +1,58 @@
+"""The selector interface (PIO-FVLM and any other way to choose visual tokens)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..config import PruneConfig
+from .nms import select_with_nms
+from .saliency import ProbeInputs, ProbeModules, fast_saliency, full_layer_saliency
+
+
+@dataclass
+class SelectionRequest:
+    """Everything a selector may use to choose, for one prune stage of one batch.
+
+    Attributes:
+        probe_inputs: hidden states (B, S, D), validity, proxy positions and the layer's kwargs.
+        probe_modules: the prune layer, final norm and prediction head.
+        candidates: (B, S) bool, the visual tokens that may be kept or dropped.
+        budgets: (B,) long, how many candidates each row keeps (<= its candidate count).
+        config: the wrap's settings.
+        fast_probe: whether the layer supports :func:`fast_saliency`.
+    """
+
+    probe_inputs: ProbeInputs
+    probe_modules: ProbeModules
+    candidates: torch.Tensor
+    budgets: torch.Tensor
+    config: PruneConfig
+    fast_probe: bool
+
+
+class Selector(Protocol):
+    """Returns a (B, S) bool mask with exactly ``budgets[b]`` candidates set in row b."""
+
+    def __call__(self, request: SelectionRequest) -> torch.Tensor: ...
+
+
+class PioSelector:
+    """PIO-FVLM: gradient saliency of the layer-local proxy loss, then NMS to the budget."""
+
+    def saliency(self, request: SelectionRequest) -> torch.Tensor:
+        """(B, S) fp32 saliency, by the fast exact probe where the layer allows it."""
+        probe = fast_saliency if request.fast_probe else full_layer_saliency
+        return probe(request.probe_modules, request.probe_inputs)
+
+    def __call__(self, request: SelectionRequest) -> torch.Tensor:
+        saliency = self.saliency(request)
+        return select_with_nms(
+            saliency,
+            request.probe_inputs.hidden,
+            request.candidates,
+            request.budgets,
+            request.config.nms_threshold,
+        )

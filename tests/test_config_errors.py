@@ -1,0 +1,117 @@
+"""Bad input gets a clear ValueError / TypeError that says what to pass instead."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import pio_fvlm
+from pio_fvlm import PruneConfig
+
+
+@pytest.mark.parametrize(
+    "budget, error, words",
+    [
+        (0, ValueError, "keep no visual token"),
+        (-3, ValueError, "keep no visual token"),
+        (math.nan, ValueError, "not a valid fraction"),
+        (1.5, ValueError, "not a valid fraction"),
+        (0.0, ValueError, "not a valid fraction"),
+        ("64", TypeError, "must be a number"),
+        (True, TypeError, "must be a number"),
+        (None, TypeError, "must be a number"),
+    ],
+)
+def test_bad_budget(llava_sdpa, budget, error, words):
+    with pytest.raises(error, match=words) as info:
+        pio_fvlm.wrap(llava_sdpa, budget=budget)
+    assert "budget=64" in str(info.value)  # the message shows what to pass
+    assert not pio_fvlm.is_wrapped(llava_sdpa)
+
+
+@pytest.mark.parametrize("layer", [0, 4, 10, -1])
+def test_layer_out_of_range(llava_sdpa, layer):
+    with pytest.raises(ValueError, match=r"1 <= layer <= 3"):
+        pio_fvlm.wrap(llava_sdpa, budget=4, layer=layer)
+
+
+def test_layer_wrong_type(llava_sdpa):
+    with pytest.raises(TypeError, match="layer must be an int"):
+        pio_fvlm.wrap(llava_sdpa, budget=4, layer=1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"nms_threshold": 1.5}, "cosine similarity"),
+        ({"proxy_tokens": 0}, "proxy_tokens"),
+        ({"positions": "shift"}, "positions must be one of"),
+    ],
+)
+def test_other_bad_settings(llava_sdpa, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        pio_fvlm.wrap(llava_sdpa, budget=4, **kwargs)
+
+
+def test_plain_language_model_is_refused():
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"model_type='llama'.*Supported: LLaVA-1.5"):
+        pio_fvlm.wrap(lm, budget=4)
+
+
+@pytest.mark.parametrize("thing", [torch.nn.Linear(3, 3), "llava", 42])
+def test_non_vlm_objects_are_refused(thing):
+    with pytest.raises((TypeError, ValueError), match="Supported: LLaVA-1.5"):
+        pio_fvlm.wrap(thing, budget=4)
+
+
+def test_part_of_a_model_is_refused(llava_sdpa):
+    with pytest.raises(ValueError, match="wrap the whole"):
+        # LlavaModel has model_type llava too, but no lm_head
+        pio_fvlm.wrap(llava_sdpa.model, budget=4)
+
+
+def test_config_and_keywords_conflict(llava_sdpa):
+    with pytest.raises(ValueError, match="not both"):
+        pio_fvlm.wrap(llava_sdpa, budget=8, config=PruneConfig(budget=4))
+    with pytest.raises(TypeError, match="PruneConfig"):
+        pio_fvlm.wrap(llava_sdpa, config={"budget": 4})
+
+
+def test_rewrap_replaces_settings(llava_sdpa):
+    try:
+        pio_fvlm.wrap(llava_sdpa, budget=4)
+        pio_fvlm.wrap(llava_sdpa, config=PruneConfig(budget=6, layer=2))
+        assert pio_fvlm.get_config(llava_sdpa) == PruneConfig(budget=6, layer=2)
+        # exactly one set of hooks: one pre-hook on the base module
+        assert len(llava_sdpa.model._forward_pre_hooks) == 1
+    finally:
+        pio_fvlm.unwrap(llava_sdpa)
+    assert not llava_sdpa.model._forward_pre_hooks
+
+
+def test_unwrap_unwrapped_model(llava_sdpa):
+    with pytest.raises(ValueError, match="not wrapped"):
+        pio_fvlm.unwrap(llava_sdpa)
+    with pytest.raises(ValueError, match="not wrapped"):
+        pio_fvlm.last_selection(llava_sdpa)
+
+
+def test_unsupported_attention_backend():
+    from pio_fvlm.testing import tiny_llava
+
+    model = tiny_llava()
+    model.config.text_config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="attn_implementation"):
+        pio_fvlm.wrap(model, budget=4)
+
+
+def test_budget_fraction_rounding():
+    from pio_fvlm.config import tokens_to_keep
+
+    assert tokens_to_keep(0.111, 2880) == 320  # the paper's 11.1 % of LLaVA-NeXT
+    assert tokens_to_keep(64 / 576, 576) == 64
+    assert tokens_to_keep(0.001, 16) == 1
+    assert tokens_to_keep(100, 16) == 16

@@ -1,0 +1,68 @@
+"""The batched, on-device NMS equals a naive greedy loop."""
+
+import pytest
+import torch
+
+from pio_fvlm.select.nms import select_with_nms
+from reference import naive_nms
+
+
+def _check(saliency, features, candidates, budgets, threshold):
+    got = select_with_nms(saliency, features, candidates, torch.tensor(budgets), threshold)
+    for b in range(saliency.shape[0]):
+        want = naive_nms(saliency[b], features[b], candidates[b], budgets[b], threshold)
+        assert got[b].nonzero().flatten().tolist() == want, f"row {b}"
+        assert int(got[b].sum()) == budgets[b]
+        assert not (got[b] & ~candidates[b]).any()
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("threshold", [0.8, 0.3, 0.0, None])
+def test_random(seed, threshold):
+    g = torch.Generator().manual_seed(seed)
+    b, n, d = 3, 40, 8
+    # clustered features, so that suppression really happens
+    centers = torch.randn(b, 5, d, generator=g)
+    features = centers[:, torch.randint(0, 5, (n,), generator=g)] + 0.3 * torch.randn(b, n, d, generator=g)
+    saliency = torch.rand(b, n, generator=g)
+    candidates = torch.rand(b, n, generator=g) < 0.8
+    budgets = [min(int(candidates[i].sum()), k) for i, k in enumerate([5, 12, 30])]
+    _check(saliency, features, candidates, budgets, threshold)
+
+
+def test_ties_in_saliency():
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 20, 6, generator=g)
+    saliency = torch.tensor([[1.0, 2.0] * 10, [0.5] * 20])  # many exact ties
+    candidates = torch.ones(2, 20, dtype=torch.bool)
+    _check(saliency, features, candidates, [7, 7], 0.8)
+
+
+def test_identical_tokens_all_suppressed_then_fill():
+    features = torch.ones(1, 10, 4)  # all identical: the first selected suppresses the rest
+    saliency = torch.arange(10.0).unsqueeze(0)
+    candidates = torch.ones(1, 10, dtype=torch.bool)
+    got = select_with_nms(saliency, features, candidates, torch.tensor([4]), 0.8)
+    # NMS keeps only the most salient (9); the fill adds the next most salient: 8, 7, 6
+    assert got[0].nonzero().flatten().tolist() == [6, 7, 8, 9]
+    _check(saliency, features, candidates, [4], 0.8)
+
+
+def test_chain_of_suppressions():
+    # token i is similar only to i+1: greedy keeps 0, 2, 4, ... (a long dependency chain)
+    n = 12  # angles stay below 2*pi: no wrap-around similarity
+    angles = torch.arange(n) * 0.5  # neighbours at cos(0.5)=0.88 >= 0.8, next-but-one 0.54
+    features = torch.stack([angles.cos(), angles.sin()], -1).unsqueeze(0)
+    saliency = torch.linspace(1, 0, n).unsqueeze(0)
+    candidates = torch.ones(1, n, dtype=torch.bool)
+    got = select_with_nms(saliency, features, candidates, torch.tensor([6]), 0.8)
+    assert got[0].nonzero().flatten().tolist() == list(range(0, n, 2))
+    _check(saliency, features, candidates, [6], 0.8)
+
+
+def test_budget_equals_candidates_and_single():
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 9, 4, generator=g)
+    saliency = torch.rand(2, 9, generator=g)
+    candidates = torch.tensor([[True] * 9, [False] * 8 + [True]])
+    _check(saliency, features, candidates, [9, 1], 0.8)

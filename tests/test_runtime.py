@@ -1,0 +1,206 @@
+"""generate / KV cache / batching / padding / identity invariants of the runtime."""
+
+import pytest
+import torch
+
+import pio_fvlm
+from pio_fvlm.testing import Prompt, make_batch, tiny_llava
+from conftest import FixedSelector, logits_equal_on_valid, standard_batch
+
+
+def _gen(model, inputs, **kw):
+    kw.setdefault("max_new_tokens", 6)
+    kw.setdefault("do_sample", False)
+    return model.generate(**inputs, **kw, return_dict_in_generate=True, output_logits=True)
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def model(request):
+    return tiny_llava(attn_implementation=request.param, seed=3)
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("mode", ["greedy", "beam", "sample"])
+def test_cached_decoding_equals_uncached_recompute(model, positions, mode):
+    """With the same kept set, decoding through the short KV cache equals recomputing the whole
+    pruned sequence at every step without a cache."""
+    inputs = standard_batch(model)
+    kw = {"greedy": {}, "beam": {"num_beams": 3}, "sample": {"do_sample": True, "top_k": 5}}[mode]
+    pio_fvlm.wrap(model, budget=5, layer=2, positions=positions, selector=FixedSelector())
+    torch.manual_seed(0)
+    cached = _gen(model, inputs, **kw)
+    torch.manual_seed(0)
+    uncached = _gen(model, inputs, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_pruning_changes_the_computation(model):
+    """Guard against a runtime that silently prunes nothing."""
+    inputs = standard_batch(model)
+    with torch.no_grad():
+        full = model(**inputs).logits
+    pio_fvlm.wrap(model, budget=3)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    last = inputs["attention_mask"].shape[1] - 1
+    assert not torch.allclose(full[:, last], pruned[:, last], atol=1e-4)
+    assert [len(s) for s in pio_fvlm.last_selection(model)] == [3, 3]
+
+
+def test_pruned_layers_see_short_sequences_and_cache(model):
+    inputs = standard_batch(model)
+    seen = {}
+    layers = model.model.language_model.layers
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, k, i=i: seen.setdefault(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    pio_fvlm.wrap(model, budget=4, layer=2)  # pre-hooks registered after ours see what the layer gets
+    for h in handles:
+        h.remove()
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    out = model(**inputs, use_cache=True)
+    length = inputs["input_ids"].shape[1]
+    n_vis = visual = int((inputs["input_ids"][0] == 3).sum())
+    assert seen[0] == seen[1] == length
+    assert seen[2] == seen[3] == length - n_vis + 4  # both rows hold the same image count
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert cache.get_seq_length(0) == length
+    assert cache.get_seq_length(2) == length - visual + 4
+    for h in handles:
+        h.remove()
+
+
+def test_full_budget_is_bit_identical(model):
+    inputs = standard_batch(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    ref_gen = _gen(model, inputs)
+    n_vis = int((inputs["input_ids"][0] == 3).sum())
+    for budget in (n_vis, 1000, 1.0):
+        pio_fvlm.wrap(model, budget=budget)
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, ref)
+        assert torch.equal(_gen(model, inputs).sequences, ref_gen.sequences)
+        assert [len(s) for s in pio_fvlm.last_selection(model)] == [n_vis, n_vis]
+    pio_fvlm.unwrap(model)
+
+
+def test_text_only_prompt_is_untouched(model):
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    pio_fvlm.wrap(model, budget=2)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref)
+    assert pio_fvlm.last_selection(model) is None
+
+
+def test_unwrap_restores_bit_identical(model):
+    inputs = standard_batch(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    ref_gen = _gen(model, inputs).sequences
+
+    def hooks():
+        return [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in model.modules()]
+
+    before = hooks()
+    pio_fvlm.wrap(model, budget=3)
+    assert hooks() != before
+    _gen(model, inputs)
+    pio_fvlm.unwrap(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    assert torch.equal(_gen(model, inputs).sequences, ref_gen)
+    assert not hasattr(model, "_pio_fvlm_runtime")
+    assert hooks() == before
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+def test_batch_equals_samples_alone(model, positions):
+    prompts = [
+        Prompt(before=[5, 6], after=[9, 10, 11, 12, 13, 14, 15]),
+        Prompt(before=[5, 6, 20, 21, 22, 23], after=[9, 10]),
+        Prompt(before=[5], after=[9, 10, 11], images=2),
+    ]
+    pio_fvlm.wrap(model, budget=6, positions=positions)
+    batch = make_batch(model, prompts, seed=4)
+    out = _gen(model, batch)
+    sel = pio_fvlm.last_selection(model)
+    length = batch["input_ids"].shape[1]
+    # pixel rows per prompt, in order
+    starts = [0, 1, 2]
+    for i, p in enumerate(prompts):
+        alone = make_batch(model, [p], seed=4)
+        alone["pixel_values"] = batch["pixel_values"][starts[i] : starts[i] + p.images]
+        solo = _gen(model, alone)
+        offset = length - alone["input_ids"].shape[1]
+        assert (sel[i] - offset).tolist() == pio_fvlm.last_selection(model)[0].tolist()
+        assert out.sequences[i, length:].tolist() == solo.sequences[0, alone["input_ids"].shape[1]:].tolist()
+        for a, b in zip(out.logits, solo.logits):
+            assert torch.allclose(a[i], b[0], atol=1e-4, rtol=1e-4)
+
+
+def test_forward_logits_line_up_with_input_ids(model):
+    inputs = standard_batch(model)
+    pio_fvlm.wrap(model, budget=4)
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.logits.shape[:2] == inputs["input_ids"].shape
+    assert torch.isfinite(out.logits).all()
+
+
+def test_two_images_in_one_prompt(model):
+    inputs = make_batch(model, [Prompt(before=[5, 6], after=[9, 10, 11, 12], images=2)])
+    pio_fvlm.wrap(model, budget=5)
+    _gen(model, inputs)
+    (sel,) = pio_fvlm.last_selection(model)
+    assert len(sel) == 5  # the budget covers both images together
+    assert bool((inputs["input_ids"][0, sel] == 3).all())
+
+
+def test_grad_mode_forward_gives_no_weight_grads(model):
+    inputs = standard_batch(model)
+    pio_fvlm.wrap(model, budget=4)
+    out = model(**inputs)  # grad mode on: the probe must not leak into weights
+    assert all(p.grad is None for p in model.parameters())
+    out.logits.sum().backward()  # the user's own backward still works through the pruned graph
+    assert model.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_no_grad_and_inference_mode(model, context):
+    inputs = standard_batch(model)
+    pio_fvlm.wrap(model, budget=4)
+    with context():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16():
+    model = tiny_llava(attn_implementation="sdpa", dtype=torch.bfloat16, seed=5)
+    inputs = standard_batch(model)
+    pio_fvlm.wrap(model, budget=4, selector=FixedSelector())
+    cached = _gen(model, inputs)
+    uncached = _gen(model, inputs, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    pio_fvlm.wrap(model, budget=4)  # the real probe in bf16
+    with torch.inference_mode():
+        out = model(**inputs)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    assert [len(s) for s in pio_fvlm.last_selection(model)] == [4, 4]
+
+
+def test_mixed_attention_mask_errors(model):
+    inputs = standard_batch(model)
+    pio_fvlm.wrap(model, budget=4)
+    bad = dict(inputs, attention_mask=inputs["attention_mask"][:, None, None, :].float())
+    with pytest.raises(ValueError, match="2-D padding attention_mask"):
+        model(**bad)
