@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pio_fvlm.select import SelectionRequest, select_with_nms
-from pio_fvlm.testing import Prompt, make_batch, tiny_llava
+from pio_fvlm.testing import FAMILIES, Prompt, make_batch, tiny_llava, tiny_vlm
 
 torch.set_num_threads(2)
 
@@ -36,10 +36,32 @@ def llava_eager():
     return tiny_llava(attn_implementation="eager")
 
 
+def standard_prompts(model) -> list[Prompt]:
+    """Two prompts of different text lengths (and, where the family allows, different visual
+    counts); Qwen families get a third, video-only prompt."""
+    prompts = [
+        Prompt(before=[5, 6], after=[9, 10, 11, 12, 13], size=0),
+        Prompt(before=[5, 6, 20, 21, 22], after=[9, 10, 14], size=1 if model.config.model_type != "llava" else 0),
+    ]
+    if model.config.model_type.startswith("qwen"):
+        prompts.append(Prompt(before=[5, 30], after=[9, 10, 11], images=0, videos=1))
+    return prompts
+
+
 def standard_batch(model, seed: int = 0):
-    """Two prompts of different text lengths, left padded."""
-    prompts = [Prompt(before=[5, 6], after=[9, 10, 11, 12, 13]), Prompt(before=[5, 6, 20, 21, 22], after=[9, 10, 14])]
-    return make_batch(model, prompts, seed=seed)
+    """Prompts of different text lengths, left padded (see standard_prompts)."""
+    return make_batch(model, standard_prompts(model), seed=seed)
+
+
+def n_visual(inputs) -> list[int]:
+    ids = inputs["input_ids"]
+    return ((ids == 3) | (ids == 4)).sum(1).tolist()
+
+
+@pytest.fixture(params=[(f, a) for f in FAMILIES for a in ("sdpa", "eager")], ids=lambda p: f"{p[0]}-{p[1]}")
+def any_model(request):
+    family, attn = request.param
+    return tiny_vlm(family, attn_implementation=attn, seed=3)
 
 
 def logits_equal_on_valid(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, atol: float = 1e-5) -> bool:

@@ -68,12 +68,12 @@ def naive_saliency(model, inputs, layer_index, k=4, include_last=False):
     return grad.float().norm(dim=-1), hidden
 
 
-def naive_selection(model, inputs, layer_index, budget, threshold=0.8, k=4, include_last=False, image_token_id=3):
+def naive_selection(model, inputs, layer_index, budget, threshold=0.8, k=4, include_last=False, visual_ids=(3, 4)):
     """Per sample, the sorted kept visual positions by METHOD.md steps 1-2."""
     saliency, hidden = naive_saliency(model, inputs, layer_index, k, include_last)
     out = []
     for b in range(hidden.shape[0]):
-        cand = inputs["input_ids"][b] == image_token_id
+        cand = torch.isin(inputs["input_ids"][b], torch.tensor(visual_ids))
         n = int(cand.sum())
         keep = budget if isinstance(budget, int) else max(1, int(budget * n + 0.5))
         out.append(naive_nms(saliency[b], hidden[b].float(), cand, min(keep, n), threshold))

@@ -115,3 +115,16 @@ def test_budget_fraction_rounding():
     assert tokens_to_keep(64 / 576, 576) == 64
     assert tokens_to_keep(0.001, 16) == 1
     assert tokens_to_keep(100, 16) == 16
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_compact_positions_refused_for_mrope(family):
+    from pio_fvlm.testing import tiny_vlm
+
+    model = tiny_vlm(family)
+    with pytest.raises(ValueError, match="positions='compact' is not available for Qwen2"):
+        pio_fvlm.wrap(model, budget=4, positions="compact")
+
+
+def test_supported_model_types():
+    assert pio_fvlm.supported_model_types() == ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]

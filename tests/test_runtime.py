@@ -4,36 +4,42 @@ import pytest
 import torch
 
 import pio_fvlm
-from pio_fvlm.testing import Prompt, make_batch, tiny_llava
-from conftest import FixedSelector, logits_equal_on_valid, standard_batch
+from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
+from conftest import FixedSelector, n_visual, standard_batch, standard_prompts
 
 
 def _gen(model, inputs, **kw):
     kw.setdefault("max_new_tokens", 6)
     kw.setdefault("do_sample", False)
+    # random models may emit special ids; an image id in the output would break the next step
+    kw.setdefault("suppress_tokens", [0, 1, 2, 3, 4])
     return model.generate(**inputs, **kw, return_dict_in_generate=True, output_logits=True)
 
 
-@pytest.fixture(params=["sdpa", "eager"])
-def model(request):
-    return tiny_llava(attn_implementation=request.param, seed=3)
+@pytest.fixture
+def model(any_model):
+    return any_model
 
 
-@pytest.mark.parametrize("positions", ["keep", "compact"])
+def _position_modes(model):
+    return ("keep", "compact") if model.config.model_type.startswith("llava") else ("keep",)
+
+
 @pytest.mark.parametrize("mode", ["greedy", "beam", "sample"])
-def test_cached_decoding_equals_uncached_recompute(model, positions, mode):
+def test_cached_decoding_equals_uncached_recompute(model, mode):
     """With the same kept set, decoding through the short KV cache equals recomputing the whole
     pruned sequence at every step without a cache."""
     inputs = standard_batch(model)
     kw = {"greedy": {}, "beam": {"num_beams": 3}, "sample": {"do_sample": True, "top_k": 5}}[mode]
-    pio_fvlm.wrap(model, budget=5, layer=2, positions=positions, selector=FixedSelector())
-    torch.manual_seed(0)
-    cached = _gen(model, inputs, **kw)
-    torch.manual_seed(0)
-    uncached = _gen(model, inputs, use_cache=False, **kw)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.logits, uncached.logits):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    for positions in _position_modes(model):
+        pio_fvlm.wrap(model, budget=3, layer=2, positions=positions, selector=FixedSelector())
+        torch.manual_seed(0)
+        cached = _gen(model, inputs, **kw)
+        torch.manual_seed(0)
+        uncached = _gen(model, inputs, use_cache=False, **kw)
+        assert torch.equal(cached.sequences, uncached.sequences), positions
+        for a, b in zip(cached.logits, uncached.logits):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), positions
 
 
 def test_pruning_changes_the_computation(model):
@@ -46,34 +52,33 @@ def test_pruning_changes_the_computation(model):
         pruned = model(**inputs).logits
     last = inputs["attention_mask"].shape[1] - 1
     assert not torch.allclose(full[:, last], pruned[:, last], atol=1e-4)
-    assert [len(s) for s in pio_fvlm.last_selection(model)] == [3, 3]
+    assert [len(s) for s in pio_fvlm.last_selection(model)] == [3] * inputs["input_ids"].shape[0]
 
 
 def test_pruned_layers_see_short_sequences_and_cache(model):
     inputs = standard_batch(model)
-    seen = {}
     layers = model.model.language_model.layers
+    pio_fvlm.wrap(model, budget=4, layer=2)
+    seen = {}
+    # registered after ours, these pre-hooks see what each layer really receives
     handles = [
-        layer.register_forward_pre_hook(lambda m, a, k, i=i: seen.setdefault(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True)
-        for i, layer in enumerate(layers)
-    ]
-    pio_fvlm.wrap(model, budget=4, layer=2)  # pre-hooks registered after ours see what the layer gets
-    for h in handles:
-        h.remove()
-    handles = [
-        layer.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True)
+        layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
+        )
         for i, layer in enumerate(layers)
     ]
     out = model(**inputs, use_cache=True)
-    length = inputs["input_ids"].shape[1]
-    n_vis = visual = int((inputs["input_ids"][0] == 3).sum())
-    assert seen[0] == seen[1] == length
-    assert seen[2] == seen[3] == length - n_vis + 4  # both rows hold the same image count
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    assert cache.get_seq_length(0) == length
-    assert cache.get_seq_length(2) == length - visual + 4
     for h in handles:
         h.remove()
+    length = inputs["input_ids"].shape[1]
+    # each row keeps its text (padding included) and min(n, 4) visual tokens; rows are
+    # re-padded to the longest
+    short = max(length - n + min(n, 4) for n in n_visual(inputs))
+    assert seen[0] == seen[1] == length
+    assert seen[2] == seen[3] == short
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert cache.get_seq_length(0) == length
+    assert cache.get_seq_length(2) == short
 
 
 def test_full_budget_is_bit_identical(model):
@@ -81,13 +86,13 @@ def test_full_budget_is_bit_identical(model):
     with torch.no_grad():
         ref = model(**inputs).logits
     ref_gen = _gen(model, inputs)
-    n_vis = int((inputs["input_ids"][0] == 3).sum())
-    for budget in (n_vis, 1000, 1.0):
+    counts = n_visual(inputs)
+    for budget in (max(counts), 1000, 1.0):
         pio_fvlm.wrap(model, budget=budget)
         with torch.no_grad():
             assert torch.equal(model(**inputs).logits, ref)
         assert torch.equal(_gen(model, inputs).sequences, ref_gen.sequences)
-        assert [len(s) for s in pio_fvlm.last_selection(model)] == [n_vis, n_vis]
+        assert [len(s) for s in pio_fvlm.last_selection(model)] == counts
     pio_fvlm.unwrap(model)
 
 
@@ -122,29 +127,23 @@ def test_unwrap_restores_bit_identical(model):
     assert hooks() == before
 
 
-@pytest.mark.parametrize("positions", ["keep", "compact"])
-def test_batch_equals_samples_alone(model, positions):
-    prompts = [
-        Prompt(before=[5, 6], after=[9, 10, 11, 12, 13, 14, 15]),
-        Prompt(before=[5, 6, 20, 21, 22, 23], after=[9, 10]),
-        Prompt(before=[5], after=[9, 10, 11], images=2),
-    ]
-    pio_fvlm.wrap(model, budget=6, positions=positions)
+def test_batch_equals_samples_alone(model):
+    """Mixed text lengths, visual counts (where the family allows), two images, video (Qwen)."""
+    prompts = standard_prompts(model) + [Prompt(before=[5], after=[9, 10, 11], images=2, size=2 if model.config.model_type != "llava" else 0)]
     batch = make_batch(model, prompts, seed=4)
-    out = _gen(model, batch)
-    sel = pio_fvlm.last_selection(model)
     length = batch["input_ids"].shape[1]
-    # pixel rows per prompt, in order
-    starts = [0, 1, 2]
-    for i, p in enumerate(prompts):
-        alone = make_batch(model, [p], seed=4)
-        alone["pixel_values"] = batch["pixel_values"][starts[i] : starts[i] + p.images]
-        solo = _gen(model, alone)
-        offset = length - alone["input_ids"].shape[1]
-        assert (sel[i] - offset).tolist() == pio_fvlm.last_selection(model)[0].tolist()
-        assert out.sequences[i, length:].tolist() == solo.sequences[0, alone["input_ids"].shape[1]:].tolist()
-        for a, b in zip(out.logits, solo.logits):
-            assert torch.allclose(a[i], b[0], atol=1e-4, rtol=1e-4)
+    for positions in _position_modes(model):
+        pio_fvlm.wrap(model, budget=6, positions=positions)
+        out = _gen(model, batch)
+        sel = pio_fvlm.last_selection(model)
+        for i in range(len(prompts)):
+            alone = split_batch(model, prompts, batch, i)
+            solo = _gen(model, alone)
+            n_alone = alone["input_ids"].shape[1]
+            assert (sel[i] - (length - n_alone)).tolist() == pio_fvlm.last_selection(model)[0].tolist()
+            assert out.sequences[i, length:].tolist() == solo.sequences[0, n_alone:].tolist(), (positions, i)
+            for a, b in zip(out.logits, solo.logits):
+                assert torch.allclose(a[i], b[0], atol=1e-4, rtol=1e-4), (positions, i)
 
 
 def test_forward_logits_line_up_with_input_ids(model):
@@ -163,6 +162,12 @@ def test_two_images_in_one_prompt(model):
     (sel,) = pio_fvlm.last_selection(model)
     assert len(sel) == 5  # the budget covers both images together
     assert bool((inputs["input_ids"][0, sel] == 3).all())
+    # the kept tokens come from both images here (the pool is shared, the choice is free):
+    # at least check both images were candidates by pruning to all-but-one
+    n = n_visual(inputs)[0]
+    pio_fvlm.wrap(model, budget=n - 1)
+    _gen(model, inputs)
+    assert len(pio_fvlm.last_selection(model)[0]) == n - 1
 
 
 def test_grad_mode_forward_gives_no_weight_grads(model):
@@ -184,8 +189,9 @@ def test_no_grad_and_inference_mode(model, context):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_bf16():
-    model = tiny_llava(attn_implementation="sdpa", dtype=torch.bfloat16, seed=5)
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_bf16(family):
+    model = tiny_vlm(family, attn_implementation="sdpa", dtype=torch.bfloat16, seed=5)
     inputs = standard_batch(model)
     pio_fvlm.wrap(model, budget=4, selector=FixedSelector())
     cached = _gen(model, inputs)
@@ -195,7 +201,7 @@ def test_bf16():
     with torch.inference_mode():
         out = model(**inputs)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
-    assert [len(s) for s in pio_fvlm.last_selection(model)] == [4, 4]
+    assert all(len(s) == 4 for s in pio_fvlm.last_selection(model))
 
 
 def test_mixed_attention_mask_errors(model):

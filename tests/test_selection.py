@@ -12,7 +12,7 @@ from pio_fvlm.select.saliency import (
     proxy_query_positions,
     supports_fast_probe,
 )
-from pio_fvlm.testing import Prompt, make_batch, tiny_llava
+from pio_fvlm.testing import FAMILIES, Prompt, make_batch, tiny_llava, tiny_vlm
 from conftest import standard_batch
 from reference import naive_saliency, naive_selection
 
@@ -77,10 +77,11 @@ def test_probe_leaves_no_weight_grads_and_works_in_inference_mode(llava_sdpa):
     assert all(p.grad is None for p in llava_sdpa.parameters())
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("budget", [4, 0.25])
 @pytest.mark.parametrize("layer", [1, 2])
-def test_wrapped_selection_equals_naive_method(layer, budget):
-    model = tiny_llava(attn_implementation="sdpa", seed=1)
+def test_wrapped_selection_equals_naive_method(family, layer, budget):
+    model = tiny_vlm(family, attn_implementation="sdpa", seed=1)
     inputs = standard_batch(model)
     want = naive_selection(model, inputs, layer, budget)
     pio_fvlm.wrap(model, budget=budget, layer=layer)

@@ -67,6 +67,11 @@ def wrap(
     adapter = adapter_for(model)
     parts = adapter.find_parts(model)
     config.validate(len(parts.layers))
+    if config.positions not in adapter.position_modes:
+        raise ValueError(
+            f"positions={config.positions!r} is not available for {adapter.name}: use one of "
+            f"{adapter.position_modes} (M-RoPE models keep each kept token's 3-D position)"
+        )
     check_attention_backend(parts.text_config)
     if is_wrapped(model):
         unwrap(model)

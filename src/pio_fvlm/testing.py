@@ -1,14 +1,54 @@
-"""Tiny random models and inputs built from configs (no downloads), for tests and benchmarks."""
+"""Tiny random models and inputs built from configs (no downloads), for tests and benchmarks.
+
+``tiny_vlm(family)`` builds a random model of one supported family with the real class;
+``make_batch(model, prompts)`` builds processor-like inputs (ids, padding mask, pixels, and the
+family's extra tensors) for a list of :class:`Prompt`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 IMAGE_TOKEN_ID = 3
+VIDEO_TOKEN_ID = 4
+VISION_START_ID = 1
+VISION_END_ID = 2
 PAD_TOKEN_ID = 0
+
+# Per family, the image sizes a Prompt's `size` picks from (different visual-token counts).
+NEXT_IMAGE_SIZES = ((28, 28), (30, 60), (60, 60))  # (height, width) -> 1, 3 or 5 views
+QWEN_IMAGE_GRIDS = ((1, 4, 4), (1, 4, 6), (1, 6, 6))  # (t, h, w) patches -> 4, 6, 9 tokens
+QWEN_VIDEO_GRID = (2, 4, 4)  # 8 tokens
+
+
+def _text_config(num_layers: int, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
+                 vocab_size: int) -> dict:
+    return dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        vocab_size=vocab_size,
+        pad_token_id=PAD_TOKEN_ID,
+        max_position_embeddings=4096,
+    )
 
 
 def tiny_llava(
@@ -28,7 +68,7 @@ def tiny_llava(
 ) -> LlavaForConditionalGeneration:
     """A random ``LlavaForConditionalGeneration`` with LLaVA-1.5's structure, scaled down.
 
-    ``image_size // patch_size`` squared visual tokens per image (336 / 14 gives LLaVA-1.5's 576).
+    ``(image_size // patch_size) ** 2`` visual tokens per image (336 / 14 gives LLaVA-1.5's 576).
     """
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
@@ -40,16 +80,7 @@ def tiny_llava(
         patch_size=patch_size,
         projection_dim=vision_hidden,
     )
-    text = LlamaConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        vocab_size=vocab_size,
-        pad_token_id=PAD_TOKEN_ID,
-        max_position_embeddings=4096,
-    )
+    text = LlamaConfig(**_text_config(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, vocab_size))
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -58,54 +89,200 @@ def tiny_llava(
         vision_feature_select_strategy="default",
     )
     config._attn_implementation = attn_implementation
-    model = LlavaForConditionalGeneration(config).eval()
-    return model.to(dtype)
+    return LlavaForConditionalGeneration(config).eval().to(dtype)
+
+
+def tiny_vlm(
+    family: str,
+    *,
+    num_layers: int = 4,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> nn.Module:
+    """A random model of ``family`` (one of :data:`FAMILIES`) with the real HF class."""
+    if family == "llava":
+        return tiny_llava(num_layers=num_layers, attn_implementation=attn_implementation, dtype=dtype, seed=seed)
+    torch.manual_seed(seed)
+    text = _text_config(num_layers, 64, 128, 4, 2, 128)
+    if family == "llava_next":
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14, projection_dim=32)
+        config = LlavaNextConfig(
+            vision_config=vision,
+            text_config=LlamaConfig(**text),
+            image_token_id=IMAGE_TOKEN_ID,
+            image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )
+        cls: type[nn.Module] = LlavaNextForConditionalGeneration
+    elif family in ("qwen2_vl", "qwen2_5_vl"):
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        text["bos_token_id"] = text["eos_token_id"] = None
+        vision = dict(depth=1, embed_dim=32, num_heads=2, in_chans=3, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, intermediate_size=64)
+        if family == "qwen2_vl":
+            vision["hidden_size"] = 64  # Qwen2-VL: hidden_size is the merger's output width
+            config_cls, cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        else:
+            vision.update(hidden_size=32, out_hidden_size=64, fullatt_block_indexes=[0], window_size=56)
+            config_cls, cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
+                            video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=VISION_START_ID,
+                            vision_end_token_id=VISION_END_ID)
+    else:
+        raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
+    config._attn_implementation = attn_implementation
+    return cls(config).eval().to(dtype)
 
 
 @dataclass
 class Prompt:
-    """Token ids of one prompt: text before the image(s), then images separated by text."""
+    """One prompt: text ids before the visual inputs, then images (and videos), then text.
+
+    ``size`` picks a per-family image size, so samples can hold different visual counts
+    (LLaVA-1.5 has one size only). ``videos`` applies to Qwen families.
+    """
 
     before: list[int]
     after: list[int]
     images: int = 1
+    size: int = 0
+    videos: int = 0
     between: tuple[int, ...] = (7, 8)
 
 
-def visual_tokens_per_image(model: LlavaForConditionalGeneration) -> int:
+def visual_tokens_per_image(model: nn.Module) -> int:
+    """LLaVA-1.5 only: tokens of one image."""
     vc = model.config.vision_config
     return int((vc.image_size // vc.patch_size) ** 2)
 
 
+def _llava_next_counts(model: nn.Module, sizes: list[tuple[int, int]]) -> list[int]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    views = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
+    side = cfg.vision_config.image_size
+    pv = torch.zeros(len(sizes), max(views), 3, side, side, dtype=model.dtype)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pv, image_sizes=torch.tensor(sizes)).pooler_output
+    return [int(f.shape[0]) for f in feats]
+
+
 def make_batch(
-    model: LlavaForConditionalGeneration,
+    model: nn.Module,
     prompts: list[Prompt],
     *,
     seed: int = 0,
     padding_side: str = "left",
 ) -> dict[str, torch.Tensor]:
-    """``input_ids``, ``attention_mask`` and ``pixel_values`` for LLaVA, padded like a processor.
+    """Processor-like inputs for ``model`` (any family of :data:`FAMILIES`), padded.
 
-    Text ids avoid the pad and image ids. Images are random.
+    Text ids avoid the pad and special ids. Pixels are random (seeded).
     """
-    n_img = visual_tokens_per_image(model)
-    rows = []
+    family = model.config.model_type
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    rows: list[list[int]] = []
+    types: list[list[int]] = []  # 0 text, 1 image, 2 video (Qwen's mm_token_type_ids)
+
+    def add(ids: list[int], row: list[int], kind: list[int], k: int) -> None:
+        row.extend(ids)
+        kind.extend([k] * len(ids))
+
+    if family == "llava":
+        n_img = visual_tokens_per_image(model)
+        side = model.config.vision_config.image_size
+        counts = [n_img] * sum(p.images for p in prompts)
+        out["pixel_values"] = torch.randn(len(counts), 3, side, side, generator=g)
+    elif family == "llava_next":
+        sizes = [NEXT_IMAGE_SIZES[p.size] for p in prompts for _ in range(p.images)]
+        counts = _llava_next_counts(model, sizes)
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = model.config
+        views = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
+        side = cfg.vision_config.image_size
+        out["pixel_values"] = torch.randn(len(sizes), max(views), 3, side, side, generator=g)
+        out["image_sizes"] = torch.tensor(sizes)
+    else:
+        grids = [QWEN_IMAGE_GRIDS[p.size] for p in prompts for _ in range(p.images)]
+        merge = model.config.vision_config.spatial_merge_size ** 2
+        counts = [t * h * w // merge for t, h, w in grids]
+        patch_dim = 3 * 2 * 14 * 14
+        if grids:
+            out["pixel_values"] = torch.randn(sum(t * h * w for t, h, w in grids), patch_dim, generator=g)
+            out["image_grid_thw"] = torch.tensor(grids)
+        n_videos = sum(p.videos for p in prompts)
+        if n_videos:
+            t, h, w = QWEN_VIDEO_GRID
+            out["pixel_values_videos"] = torch.randn(n_videos * t * h * w, patch_dim, generator=g)
+            out["video_grid_thw"] = torch.tensor([QWEN_VIDEO_GRID] * n_videos)
+    image_counts = iter(counts)
     for p in prompts:
-        ids = list(p.before)
+        row: list[int] = []
+        kind: list[int] = []
+        add(list(p.before), row, kind, 0)
         for j in range(p.images):
             if j:
-                ids += list(p.between)
-            ids += [IMAGE_TOKEN_ID] * n_img
-        rows.append(ids + list(p.after))
+                add(list(p.between), row, kind, 0)
+            n = next(image_counts)
+            if family.startswith("qwen"):
+                add([VISION_START_ID], row, kind, 0)
+                add([IMAGE_TOKEN_ID] * n, row, kind, 1)
+                add([VISION_END_ID], row, kind, 0)
+            else:
+                add([IMAGE_TOKEN_ID] * n, row, kind, 1)
+        for _ in range(p.videos):
+            t, h, w = QWEN_VIDEO_GRID
+            add([VISION_START_ID], row, kind, 0)
+            add([VIDEO_TOKEN_ID] * (t * h * w // 4), row, kind, 2)
+            add([VISION_END_ID], row, kind, 0)
+        add(list(p.after), row, kind, 0)
+        rows.append(row)
+        types.append(kind)
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), PAD_TOKEN_ID, dtype=torch.long)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, r in enumerate(rows):
+    token_types = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, (r, k) in enumerate(zip(rows, types)):
         sl = slice(length - len(r), length) if padding_side == "left" else slice(0, len(r))
         input_ids[i, sl] = torch.tensor(r)
         mask[i, sl] = 1
-    g = torch.Generator().manual_seed(seed)
-    size = model.config.vision_config.image_size
-    total_images = sum(p.images for p in prompts)
-    pixel_values = torch.randn(total_images, 3, size, size, generator=g).to(model.dtype)
-    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values}
+        token_types[i, sl] = torch.tensor(k)
+    out.update(input_ids=input_ids, attention_mask=mask)
+    if family.startswith("qwen"):
+        out["mm_token_type_ids"] = token_types
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in out:
+            out[key] = out[key].to(model.dtype)
+    return out
+
+
+def split_batch(model: nn.Module, prompts: list[Prompt], batch: dict[str, torch.Tensor], i: int,
+                padding_side: str = "left") -> dict[str, torch.Tensor]:
+    """Sample ``i`` of a batch made by :func:`make_batch`, alone and unpadded, with the same pixels."""
+    alone = make_batch(model, [prompts[i]], padding_side=padding_side)
+    family = model.config.model_type
+    before = prompts[:i]
+    if family in ("llava", "llava_next"):
+        start = sum(p.images for p in before)
+        alone["pixel_values"] = batch["pixel_values"][start : start + prompts[i].images]
+        if family == "llava_next":
+            n_views = alone["pixel_values"].shape[1]
+            alone["pixel_values"] = alone["pixel_values"][:, :n_views]
+        return alone
+    for kind, grid_key, pix_key in (("images", "image_grid_thw", "pixel_values"),
+                                    ("videos", "video_grid_thw", "pixel_values_videos")):
+        if grid_key not in batch:
+            continue
+        grids = batch[grid_key]
+        start = sum(getattr(p, kind) for p in before)
+        stop = start + getattr(prompts[i], kind)
+        rows_before = int(grids[:start].prod(-1).sum())
+        rows_mine = int(grids[start:stop].prod(-1).sum())
+        if stop > start:
+            alone[pix_key] = batch[pix_key][rows_before : rows_before + rows_mine]
+    return alone

@@ -8,9 +8,10 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ModelParts
-from .llava import LLAVA
+from .llava import LLAVA, LLAVA_NEXT
+from .qwen_vl import QWEN2_5_VL, QWEN2_VL
 
-_ADAPTERS: tuple[Adapter, ...] = (LLAVA,)
+_ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL)
 REGISTRY: dict[str, Adapter] = {t: a for a in _ADAPTERS for t in a.model_types}
 
 

@@ -41,8 +41,10 @@ class Adapter:
         model_types: ``config.model_type`` values this adapter handles.
         find_parts: ``model -> ModelParts``; raises ``ValueError`` with advice when the
             object is a part of the model rather than the ``*ForConditionalGeneration``.
+        position_modes: the ``positions=`` settings that make sense for this family.
     """
 
     name: str
     model_types: tuple[str, ...]
     find_parts: Callable[[nn.Module], ModelParts]
+    position_modes: tuple[str, ...] = ("keep", "compact")

@@ -1,4 +1,4 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower, projector, Llama-family LM."""
+"""LLaVA-1.5 and LLaVA-NeXT: CLIP tower, projector, Llama-family LM under ``model.language_model``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def find_llava_parts(model: nn.Module) -> ModelParts:
     if lm is None or head is None:
         raise ValueError(
             f"{type(model).__name__} has no `model.language_model` and `lm_head`: wrap the whole "
-            f"LlavaForConditionalGeneration (the object `from_pretrained` returns), not a part of it"
+            f"*ForConditionalGeneration model (the object `from_pretrained` returns), not a part of it"
         )
     return ModelParts(
         base=inner,
@@ -27,4 +27,16 @@ def find_llava_parts(model: nn.Module) -> ModelParts:
     )
 
 
-LLAVA = Adapter(name="LLaVA-1.5 (LlavaForConditionalGeneration)", model_types=("llava",), find_parts=find_llava_parts)
+LLAVA = Adapter(
+    name="LLaVA-1.5 (LlavaForConditionalGeneration)",
+    model_types=("llava",),
+    find_parts=find_llava_parts,
+)
+
+# Anyres: base view + crops + newline tokens all carry image_token_id, so one image's tokens
+# form one visual pool and the same parts apply.
+LLAVA_NEXT = Adapter(
+    name="LLaVA-NeXT (LlavaNextForConditionalGeneration)",
+    model_types=("llava_next",),
+    find_parts=find_llava_parts,
+)
