@@ -1,0 +1,123 @@
+"""Real checkpoints' configurations, with random weights (no download).
+
+LLaVA-1.5-7B runs for real at full width (4096 hidden, 32 heads, 32k vocabulary, CLIP-L/336)
+with only 2 of its 32 decoder layers and 1 of 24 vision layers, to fit this machine's time; the
+others are built on the meta device and checked for structure (the adapter finds every part,
+the fast probe applies, the visual ids are right).
+"""
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+import pio_fvlm
+from pio_fvlm.models import adapter_for
+from pio_fvlm.select.saliency import supports_fast_probe
+
+# Values from the checkpoints' config.json files.
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, projection_dim=768)
+VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def llava15_7b_config(text_layers=32, vision_layers=24):
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**{**CLIP_L_336, "num_hidden_layers": vision_layers}),
+        text_config=LlamaConfig(**{**VICUNA_7B, "num_hidden_layers": text_layers}),
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def test_llava15_7b_widths_run():
+    torch.manual_seed(0)
+    config = llava15_7b_config(text_layers=2, vision_layers=1)
+    config._attn_implementation = "sdpa"
+    model = LlavaForConditionalGeneration(config).eval()
+    text = torch.randint(100, 30000, (1, 30))
+    ids = torch.cat([text[:, :5], torch.full((1, 576), 32000), text[:, 5:]], dim=1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 336, 336)}
+    pio_fvlm.wrap(model, budget=64)
+    assert pio_fvlm.get_config(model).layer == 1
+    with torch.inference_mode():
+        out = model(**inputs)
+        gen = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    (kept,) = pio_fvlm.last_selection(model)
+    assert len(kept) == 64 and bool((ids[0, kept] == 32000).all())
+    assert out.logits.shape == (1, ids.shape[1], 32064)
+    assert gen.shape[1] == ids.shape[1] + 2
+
+
+@pytest.mark.parametrize(
+    "name, build, visual_ids",
+    [
+        ("llava-hf/llava-1.5-7b-hf", lambda: LlavaForConditionalGeneration(llava15_7b_config()), (32000,)),
+        (
+            "llava-hf/llava-v1.6-vicuna-7b-hf",
+            lambda: LlavaNextForConditionalGeneration(
+                LlavaNextConfig(
+                    vision_config=CLIPVisionConfig(**CLIP_L_336),
+                    text_config=LlamaConfig(**VICUNA_7B),
+                    image_token_id=32000,
+                    image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                    vision_feature_layer=-2,
+                )
+            ),
+            (32000,),
+        ),
+        (
+            "Qwen/Qwen2-VL-7B-Instruct",
+            lambda: Qwen2VLForConditionalGeneration(
+                Qwen2VLConfig(
+                    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                     rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                                      "rope_theta": 1000000.0}),
+                    vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16),
+                    image_token_id=151655,
+                    video_token_id=151656,
+                )
+            ),
+            (151655, 151656),
+        ),
+        (
+            "Qwen/Qwen2.5-VL-7B-Instruct",
+            lambda: Qwen2_5_VLForConditionalGeneration(
+                Qwen2_5_VLConfig(
+                    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                     rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                                      "rope_theta": 1000000.0}),
+                    vision_config=dict(depth=32, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420,
+                                       num_heads=16, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+                    image_token_id=151655,
+                    video_token_id=151656,
+                )
+            ),
+            (151655, 151656),
+        ),
+    ],
+)
+def test_real_configs_structure(name, build, visual_ids):
+    with torch.device("meta"):
+        model = build()
+    parts = adapter_for(model).find_parts(model)
+    assert parts.visual_token_ids == visual_ids
+    assert len(parts.layers) == model.config.text_config.num_hidden_layers
+    assert supports_fast_probe(parts.layers[1]), f"{name}: the exact fast probe should apply"
+    pio_fvlm.wrap(model, budget=64, layer=2)
+    assert pio_fvlm.is_wrapped(model)
+    pio_fvlm.unwrap(model)
