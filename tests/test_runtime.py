@@ -210,3 +210,29 @@ def test_mixed_attention_mask_errors(model):
     bad = dict(inputs, attention_mask=inputs["attention_mask"][:, None, None, :].float())
     with pytest.raises(ValueError, match="2-D padding attention_mask"):
         model(**bad)
+
+
+class FullLayerProbeSelector(pio_fvlm.PioSelector):
+    """PIO-FVLM through the generic full-layer probe (what layers without the fast path use)."""
+
+    def __call__(self, request):
+        request.fast_probe = False
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_full_layer_probe_path_through_the_runtime(model, context):
+    """The generic probe calls the real layer inside the layer's own pre-hook: it must leave the
+    layer's real inputs (cache!) alone and choose what the fast probe chooses."""
+    inputs = standard_batch(model)
+    pio_fvlm.wrap(model, budget=3, layer=2)
+    with context():
+        fast = _gen(model, inputs)
+    fast_sel = [s.tolist() for s in pio_fvlm.last_selection(model)]
+    pio_fvlm.wrap(model, budget=3, layer=2, selector=FullLayerProbeSelector())
+    with context():
+        full = _gen(model, inputs)
+    assert [s.tolist() for s in pio_fvlm.last_selection(model)] == fast_sel
+    assert torch.equal(full.sequences, fast.sequences)
+    for a, b in zip(full.logits, fast.logits):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -106,6 +106,8 @@ def _clone_tree(x: Any) -> Any:
         return tuple(_clone_tree(v) for v in x)
     if isinstance(x, list):
         return [_clone_tree(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _clone_tree(v) for k, v in x.items()}
     return x
 
 
