@@ -146,8 +146,10 @@ class Bench:
         self._configure(mode)
         with torch.inference_mode():
             out = self.prefill(mode)
-            mode.kv_bytes, mode.kv_layer_bytes = kv_cache_bytes(out.past_key_values if hasattr(out, "past_key_values") else out.cache)
+            mode.kv_bytes, mode.kv_layer_bytes = kv_cache_bytes(out.past_key_values)
+        with torch.no_grad():  # dispatch modes see no operator under inference_mode
             mode.flops = count_flops(lambda: self.prefill(mode))
+        with torch.inference_mode():
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
                 self.prefill(mode)

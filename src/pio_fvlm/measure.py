@@ -52,7 +52,8 @@ class _FlopCounter(TorchDispatchMode):
 def count_flops(fn: Callable[[], Any]) -> int:
     """Floating-point operations of one call of ``fn``, by torch's FLOP formulas (matrix
     products and attention; element-wise work is not counted). Backward passes run inside,
-    such as the saliency probe's, are counted too."""
+    such as the saliency probe's, are counted too. Call it outside ``torch.inference_mode``
+    (use ``torch.no_grad``): dispatch modes see no operator in inference mode."""
     counter = _FlopCounter()
     with counter:
         fn()

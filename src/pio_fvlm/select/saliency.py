@@ -165,15 +165,22 @@ def supports_fast_probe(layer: nn.Module) -> bool:
 def fast_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
     """Exact saliency with queries, MLP and head only at the K loss positions. Returns (B, S).
 
-    Requires ``supports_fast_probe(mods.layer)`` and position embeddings.
+    Keys are computed for every token (rotary positions make them unavoidable). Values are
+    not: the attention output of a query is ``W_v @ sum_j p_j xn_j + b_v`` (the weights sum to
+    one), so the probe forms the K attention-weighted inputs and projects those, which makes the
+    value path, forward and backward, cost K instead of S tokens. Requires
+    ``supports_fast_probe(mods.layer)`` and position embeddings.
     """
     layer = mods.layer
     attn = layer.self_attn
     rotary = _rotary_fn(attn)
     assert rotary is not None and inp.position_embeddings is not None
-    b, s, _ = inp.hidden.shape
+    b, s, d = inp.hidden.shape
     k_count = inp.query_positions.shape[1]
     hd = attn.head_dim
+    groups = attn.num_key_value_groups
+    v_proj = attn.v_proj
+    values_by_weight = type(v_proj) is nn.Linear  # a plain Linear: its weight can be used directly
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         # Runs outside inference mode: clones make inference tensors usable by autograd.
@@ -183,19 +190,27 @@ def fast_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
         key_pos = torch.arange(s, device=qpos.device)
         allowed = inp.valid.clone().unsqueeze(1) & (key_pos.view(1, 1, s) <= qpos.unsqueeze(2))  # (B, K, S)
         xn = layer.input_layernorm(x)
-        xn_q = gather_tokens(xn, qpos)
-        q = attn.q_proj(xn_q).view(b, k_count, -1, hd).transpose(1, 2)
-        k = attn.k_proj(xn).view(b, s, -1, hd).transpose(1, 2)
-        v = attn.v_proj(xn).view(b, s, -1, hd).transpose(1, 2)
+        q = attn.q_proj(gather_tokens(xn, qpos)).view(b, k_count, -1, hd).transpose(1, 2)  # (B, H, K, hd)
+        k = attn.k_proj(xn).view(b, s, -1, hd).transpose(1, 2)  # (B, Hkv, S, hd)
         q = rotary(q, q, cos_q, sin_q)[0]
         k = rotary(k, k, cos, sin)[0]
-        groups = attn.num_key_value_groups
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(2, 3)) * attn.scaling  # (B, H, K, S)
-        scores = scores.masked_fill(~allowed.unsqueeze(1), torch.finfo(scores.dtype).min)
+        n_kv = k.shape[1]
+        # Query head h reads key/value head h // groups: group the queries instead of copying keys.
+        q = q.reshape(b, n_kv, groups * k_count, hd)
+        scores = (q @ k.transpose(2, 3)) * attn.scaling  # (B, Hkv, groups*K, S)
+        blocked = ~allowed.unsqueeze(1).expand(b, groups, k_count, s).reshape(b, 1, groups * k_count, s)
+        scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = (probs @ v).transpose(1, 2).reshape(b, k_count, -1)
+        if values_by_weight:
+            # attention-weighted inputs, all heads in one (B, H*K, S) @ (B, S, D) product
+            mixed = (probs.reshape(b, -1, s) @ xn).view(b, n_kv, groups * k_count, d)
+            o = torch.einsum("bnqd,ned->bnqe", mixed, v_proj.weight.view(n_kv, hd, d))
+            if v_proj.bias is not None:
+                o = o + v_proj.bias.view(1, n_kv, 1, hd)
+        else:
+            o = probs @ v_proj(xn).view(b, s, -1, hd).transpose(1, 2)
+        # (B, Hkv, groups, K, hd) -> (B, K, H * hd) with heads in HF order (h = kv * groups + g)
+        o = o.view(b, n_kv, groups, k_count, hd).permute(0, 3, 1, 2, 4).reshape(b, k_count, -1)
         h = gather_tokens(x, qpos) + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return proxy_loss(mods.head(mods.norm(h)))
