@@ -6,19 +6,23 @@
 from .api import get_config, is_wrapped, last_selection, unwrap, wrap
 from .config import PruneConfig
 from .models import supported_model_types
+from .schedules import PRESETS, average_budget, schedule_for
 from .select import PioSelector, SelectionRequest, Selector
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "PioSelector",
     "PruneConfig",
     "SelectionRequest",
     "Selector",
     "__version__",
+    "average_budget",
     "get_config",
     "is_wrapped",
     "last_selection",
+    "schedule_for",
     "supported_model_types",
     "unwrap",
     "wrap",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ def wrap(
     proxy_tokens: int = _UNSET,
     proxy_includes_last: bool = _UNSET,
     positions: Literal["keep", "compact"] = _UNSET,
+    schedule: Sequence[tuple[int, Budget]] | None = _UNSET,
+    preset: str | None = None,
     config: PruneConfig | None = None,
     selector: Selector | None = None,
 ) -> M:
@@ -43,6 +45,8 @@ def wrap(
     proxy_includes_last=False, positions="keep"`` (see :class:`PruneConfig` for each).
     ``config=`` passes the same settings as one object; giving both ``config`` and a keyword
     is an error. Wrapping an already wrapped model replaces its settings (no stacking).
+    ``schedule=[(layer, kept), ...]`` prunes in several stages (instead of ``budget``/``layer``);
+    ``preset="paper-64"`` (or ``"paper-128"``, ``"paper-192"``) uses the authors' LLaVA-1.5 schedules.
     ``selector=`` swaps the token choice (for baselines and tests); PIO-FVLM by default.
     """
     keywords = {
@@ -52,8 +56,19 @@ def wrap(
         "proxy_tokens": proxy_tokens,
         "proxy_includes_last": proxy_includes_last,
         "positions": positions,
+        "schedule": schedule,
     }
     given = {k: v for k, v in keywords.items() if v is not _UNSET}
+    if preset is not None:
+        from .schedules import preset as named_schedule
+
+        if "schedule" in given:
+            raise ValueError("pass either preset= or schedule=, not both")
+        given["schedule"] = named_schedule(preset)
+    if given.get("schedule") is not None and ({"budget", "layer"} & set(given)):
+        raise ValueError(
+            "schedule= (or preset=) replaces budget= and layer=: pass either a schedule or a budget and a layer"
+        )
     if config is not None:
         if not isinstance(config, PruneConfig):
             raise TypeError(f"config must be a pio_fvlm.PruneConfig; got {type(config).__name__}")
@@ -75,7 +90,7 @@ def wrap(
     check_attention_backend(parts.text_config)
     if is_wrapped(model):
         unwrap(model)
-    runtime = Runtime(parts, config, [(config.layer, config.budget)], selector or PioSelector())
+    runtime = Runtime(parts, config, list(config.stages()), selector or PioSelector())
     runtime.install()
     object.__setattr__(model, _RUNTIME_ATTR, runtime)
     return model
@@ -105,10 +120,11 @@ def get_config(model: nn.Module) -> PruneConfig:
     return _runtime(model).config
 
 
-def last_selection(model: nn.Module) -> list[torch.Tensor] | None:
+def last_selection(model: nn.Module, stage: int = -1) -> list[torch.Tensor] | None:
     """For the most recent prefill with visual tokens: per sample, a sorted 1-D LongTensor of
     the positions in that call's ``input_ids`` (padding included) of the visual tokens kept.
 
-    ``None`` before any such call. Across threads, the most recent call wins.
+    ``stage`` picks a stage of a multi-stage schedule (default: the last, what the deepest
+    layers see). ``None`` before any such call. Across threads, the most recent call wins.
     """
-    return _runtime(model).last_selection()
+    return _runtime(model).last_selection(stage)

@@ -223,9 +223,16 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
             "peak_mb": m.peak_bytes / 2**20 if m.peak_bytes else None,
         })
     by = {r["mode"]: r for r in rows}
+    paired = {m.name: m for m in modes}
+
+    def paired_ratio(a: str, b: str) -> float:
+        """Median over repetitions of time(a) / time(b) measured in the same round (drift cancels)."""
+        return statistics.median(x / y for x, y in zip(paired[a].prefill_s, paired[b].prefill_s))
+
     checks = {}
     if 64 in args.budgets:
         checks["pio64_over_ideal64"] = by["pio-64"]["prefill_speedup"] / by["ideal-64"]["prefill_speedup"]
+        checks["pio64_over_ideal64_paired"] = paired_ratio("ideal-64", "pio-64")
         checks["selection_overhead_of_full_prefill"] = by["pio-64"]["select_ms"] / (fp * 1e3)
         layer_bytes = by["pio-64"]["kv_layer_bytes"]
         full_bytes = full.kv_layer_bytes
@@ -233,6 +240,7 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
         total = args.text_tokens + n_visual
         checks["pruned_layer_kv_expected"] = (args.text_tokens + 64) / total
     checks["noop_prefill_ratio"] = by[f"pio-{n_visual}"]["prefill_ms"] / (fp * 1e3)
+    checks["noop_prefill_ratio_paired"] = paired_ratio(f"pio-{n_visual}", "full")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     return {
         "device": device,

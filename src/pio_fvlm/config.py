@@ -31,6 +31,9 @@ class PruneConfig:
             the last valid one); ``True`` uses the last K positions, the last one included.
         positions: ``"keep"``: kept tokens keep their original position ids; ``"compact"``:
             pruned layers renumber the shortened sequence contiguously (the authors' LLaVA code).
+        schedule: multi-stage pruning instead of ``budget``/``layer``: ``((layer, kept), ...)``
+            with strictly increasing layers and non-increasing counts; each stage selects among
+            the survivors of the previous one with its own probe at its layer.
     """
 
     budget: Budget = 64
@@ -39,6 +42,11 @@ class PruneConfig:
     proxy_tokens: int = 4
     proxy_includes_last: bool = False
     positions: Literal["keep", "compact"] = "keep"
+    schedule: tuple[tuple[int, Budget], ...] | None = None
+
+    def stages(self) -> tuple[tuple[int, Budget], ...]:
+        """The prune stages: the schedule, or the single stage ``((layer, budget),)``."""
+        return self.schedule if self.schedule is not None else ((self.layer, self.budget),)
 
     def replace(self, **changes: object) -> "PruneConfig":
         """A copy with some fields changed (validated like the original)."""
@@ -50,6 +58,14 @@ class PruneConfig:
         Returns ``self`` so that it can be chained. Raises ``TypeError`` / ``ValueError``
         with a message that names the accepted values.
         """
+        if self.schedule is not None:
+            from .schedules import normalize_schedule
+
+            if self.budget != 64 or self.layer != 1:
+                raise ValueError(
+                    "schedule= replaces budget= and layer=: pass either a schedule or a budget and layer"
+                )
+            object.__setattr__(self, "schedule", normalize_schedule(self.schedule, num_layers))
         validate_budget(self.budget)
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise TypeError(

@@ -76,7 +76,7 @@ class Runtime:
             f"pio_fvlm_call_{id(self)}", default=None
         )
         self._tokens: dict[int, contextvars.Token[CallState | None]] = {}
-        self._last: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        self._last: list[tuple[torch.Tensor | None, torch.Tensor]] | None = None
         self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
 
@@ -96,11 +96,14 @@ class Runtime:
         self._handles.clear()
 
     # ------------------------------------------------------------------ public read-outs
-    def last_selection(self) -> list[torch.Tensor] | None:
-        """Per sample, sorted positions (in that call's input_ids) of the visual tokens kept."""
+    def last_selection(self, stage: int = -1) -> list[torch.Tensor] | None:
+        """Per sample, sorted positions (in that call's input_ids) of the visual tokens kept
+        from stage ``stage`` on (default: the last stage)."""
         if self._last is None:
             return None
-        full_index, visual = self._last
+        if not -len(self.stages) <= stage < len(self.stages):
+            raise ValueError(f"stage={stage} is out of range: this wrap has {len(self.stages)} stage(s)")
+        full_index, visual = self._last[stage]
         if full_index is None:  # nothing pruned: every visual token was kept
             return [row.nonzero().flatten().cpu() for row in visual]
         return [fi[v].sort().values.cpu() for fi, v in zip(full_index, visual)]
@@ -153,11 +156,10 @@ class Runtime:
         if call.record is not None and not call.pruned:
             call.record.full_len += call.q_len
         if call.pruned:
-            final = call.stages[len(self.stages) - 1]
-            assert final is not None
-            self._last = (final.full_index, final.visual)  # type: ignore[assignment]
+            stages = [call.stages[s] for s in range(len(self.stages))]
+            self._last = [(st.full_index, st.visual) for st in stages if st is not None]  # type: ignore[misc]
         elif call.visual is not None:
-            self._last = (None, call.visual)
+            self._last = [(None, call.visual)] * len(self.stages)
 
     # ------------------------------------------------------------------ layers
     def _layer_start(

@@ -1,0 +1,142 @@
+"""Multi-stage schedules: API, per-layer lengths, and the core invariants per stage."""
+
+import pytest
+import torch
+
+import pio_fvlm
+from pio_fvlm.schedules import average_budget, preset, schedule_for
+from pio_fvlm.testing import tiny_vlm
+from conftest import FixedSelector, n_visual, standard_batch, standard_prompts
+from pio_fvlm.testing import make_batch, split_batch
+
+
+def test_average_budget_matches_the_papers_labels():
+    assert average_budget([(1, 218), (10, 128), (15, 54)], 32, 576) == 128.0
+    assert average_budget([(1, 92), (10, 54), (15, 22)], 32, 576) == 64.0
+    assert average_budget([(1, 64)], 32, 576) == pytest.approx((576 + 31 * 64) / 32)
+
+
+def test_schedule_for_inverts_average_budget():
+    assert schedule_for(128) == ((1, 218), (10, 128), (15, 54))  # the authors' own
+    assert schedule_for(64) == ((1, 91), (10, 54), (15, 23))  # next to their (92, 54, 22)
+    for avg in (64, 96, 128, 192):
+        assert average_budget(schedule_for(avg), 32, 576) == pytest.approx(avg, abs=1.0)
+    with pytest.raises(ValueError, match="below what layers"):
+        schedule_for(10, layers=(16,))
+
+
+def test_presets():
+    assert preset("paper-64") == ((1, 92), (10, 54), (15, 22))
+    assert average_budget(preset("paper-192"), 32, 576) == pytest.approx(192, abs=1)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("paper-7")
+
+
+@pytest.mark.parametrize(
+    "schedule, words",
+    [
+        ([(2, 5), (1, 3)], "strictly increasing"),
+        ([(1, 3), (2, 5)], "must not increase"),
+        ([(1, 3), (4, 2)], "out of range"),
+        ([(0, 3)], "out of range"),
+        ([(1, 0)], "keep no visual token"),
+        ([(1, 0.5), (2, 3)], "not mixed"),
+        ([], "non-empty"),
+        ("1,3", "non-empty"),
+        ([(1,)], "pair"),
+    ],
+)
+def test_bad_schedules(schedule, words):
+    model = tiny_vlm("llava")
+    with pytest.raises((ValueError, TypeError), match=words):
+        pio_fvlm.wrap(model, schedule=schedule)
+
+
+def test_schedule_excludes_budget_and_layer():
+    model = tiny_vlm("llava")
+    with pytest.raises(ValueError, match="replaces budget"):
+        pio_fvlm.wrap(model, budget=4, schedule=[(1, 5), (2, 3)])
+    with pytest.raises(ValueError, match="replaces budget"):
+        pio_fvlm.wrap(model, layer=2, preset="paper-64")
+    with pytest.raises(ValueError, match="either preset"):
+        pio_fvlm.wrap(model, preset="paper-64", schedule=[(1, 5)])
+    with pytest.raises(ValueError, match="out of range"):
+        pio_fvlm.wrap(model, preset="paper-64")  # layers 10, 15 do not exist in a 4-layer model
+
+
+@pytest.fixture(params=["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+def deep_model(request):
+    return tiny_vlm(request.param, num_layers=6, seed=7)
+
+
+def test_per_layer_lengths_follow_the_schedule(deep_model):
+    model = deep_model
+    inputs = standard_batch(model)
+    pio_fvlm.wrap(model, schedule=[(1, 6), (3, 4), (5, 2)])
+    seen = {}
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
+        )
+        for i, layer in enumerate(model.model.language_model.layers)
+    ]
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    for h in handles:
+        h.remove()
+    length = inputs["input_ids"].shape[1]
+    counts = n_visual(inputs)
+
+    def short(k):
+        return max(length - n + min(n, k) for n in counts)
+
+    assert [seen[i] for i in range(6)] == [length, short(6), short(6), short(4), short(4), short(2)]
+    assert [out.past_key_values.get_seq_length(i) for i in range(6)] == [seen[i] for i in range(6)]
+    s1, s2, s3 = (pio_fvlm.last_selection(model, stage=i) for i in range(3))
+    for a, b, c, n in zip(s1, s2, s3, counts):
+        assert (len(a), len(b), len(c)) == (min(n, 6), min(n, 4), min(n, 2))
+        assert set(c.tolist()) <= set(b.tolist()) <= set(a.tolist())
+    assert [x.tolist() for x in pio_fvlm.last_selection(model)] == [x.tolist() for x in s3]
+    with pytest.raises(ValueError, match="out of range"):
+        pio_fvlm.last_selection(model, stage=3)
+
+
+def test_multi_stage_cached_equals_uncached(deep_model):
+    model = deep_model
+    inputs = standard_batch(model)
+    kw = dict(max_new_tokens=5, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4],
+              return_dict_in_generate=True, output_logits=True)
+    modes = ("keep", "compact") if model.config.model_type.startswith("llava") else ("keep",)
+    for positions in modes:
+        pio_fvlm.wrap(model, schedule=[(1, 6), (3, 4), (5, 2)], positions=positions, selector=FixedSelector())
+        cached = model.generate(**inputs, **kw)
+        uncached = model.generate(**inputs, use_cache=False, **kw)
+        assert torch.equal(cached.sequences, uncached.sequences), positions
+        for a, b in zip(cached.logits, uncached.logits):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), positions
+
+
+def test_multi_stage_batch_equals_samples_alone(deep_model):
+    model = deep_model
+    prompts = standard_prompts(model)
+    batch = make_batch(model, prompts, seed=2)
+    kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
+    pio_fvlm.wrap(model, schedule=[(1, 6), (3, 4), (5, 2)])
+    out = model.generate(**batch, **kw)
+    length = batch["input_ids"].shape[1]
+    for i in range(len(prompts)):
+        alone = split_batch(model, prompts, batch, i)
+        solo = model.generate(**alone, **kw)
+        assert out[i, length:].tolist() == solo[0, alone["input_ids"].shape[1]:].tolist()
+
+
+def test_stage_that_keeps_everything_is_a_pass_through():
+    model = tiny_vlm("llava", num_layers=6, seed=7)
+    inputs = standard_batch(model)
+    n = max(n_visual(inputs))
+    pio_fvlm.wrap(model, schedule=[(1, n), (3, 4)], selector=FixedSelector())
+    kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
+    cached = model.generate(**inputs, **kw)
+    uncached = model.generate(**inputs, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    assert [len(s) for s in pio_fvlm.last_selection(model, stage=0)] == n_visual(inputs)
