@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import pio_fvlm
-from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
 from conftest import FixedSelector, n_visual, standard_batch, standard_prompts
+from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
 
 
 def _gen(model, inputs, **kw):
@@ -129,7 +129,8 @@ def test_unwrap_restores_bit_identical(model):
 
 def test_batch_equals_samples_alone(model):
     """Mixed text lengths, visual counts (where the family allows), two images, video (Qwen)."""
-    prompts = standard_prompts(model) + [Prompt(before=[5], after=[9, 10, 11], images=2, size=2 if model.config.model_type != "llava" else 0)]
+    size = 2 if model.config.model_type != "llava" else 0
+    prompts = standard_prompts(model) + [Prompt(before=[5], after=[9, 10, 11], images=2, size=size)]
     batch = make_batch(model, prompts, seed=4)
     length = batch["input_ids"].shape[1]
     for positions in _position_modes(model):

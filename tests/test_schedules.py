@@ -4,10 +4,9 @@ import pytest
 import torch
 
 import pio_fvlm
-from pio_fvlm.schedules import average_budget, preset, schedule_for
-from pio_fvlm.testing import tiny_vlm
 from conftest import FixedSelector, n_visual, standard_batch, standard_prompts
-from pio_fvlm.testing import make_batch, split_batch
+from pio_fvlm.schedules import average_budget, preset, schedule_for
+from pio_fvlm.testing import make_batch, split_batch, tiny_vlm
 
 
 def test_average_budget_matches_the_papers_labels():

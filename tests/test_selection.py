@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
+from conftest import standard_batch
 from pio_fvlm.select.saliency import (
     ProbeInputs,
     ProbeModules,
@@ -13,7 +14,6 @@ from pio_fvlm.select.saliency import (
     supports_fast_probe,
 )
 from pio_fvlm.testing import FAMILIES, Prompt, make_batch, tiny_llava, tiny_vlm
-from conftest import standard_batch
 from reference import naive_saliency, naive_selection
 
 

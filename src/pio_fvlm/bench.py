@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -284,13 +285,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, style in (("pio", "o-"), ("ideal", "s--"), ("naive", "x")):
-        pts = sorted((r["budget"], r["prefill_speedup"]) for r in rows if r["kind"] == kind and r["budget"] < result["n_visual"])
+        pts = sorted(
+            (r["budget"], r["prefill_speedup"])
+            for r in rows
+            if r["kind"] == kind and r["budget"] < result["n_visual"]
+        )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=kind)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel(f"visual tokens kept (of {result['n_visual']})")
     ax.set_ylabel("prefill speedup vs full")
-    ax.set_title(f"{result['model']}\n{result['device']}, {result['dtype']}, {result['attn']}, batch {result['batch']}", fontsize=8)
+    where = f"{result['device']}, {result['dtype']}, {result['attn']}, batch {result['batch']}"
+    ax.set_title(f"{result['model']}\n{where}", fontsize=8)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

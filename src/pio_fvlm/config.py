@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Literal, Union
+from typing import Literal
 
-Budget = Union[int, float]
+Budget = int | float
 POSITION_MODES = ("keep", "compact")
 
 
@@ -48,11 +48,11 @@ class PruneConfig:
         """The prune stages: the schedule, or the single stage ``((layer, budget),)``."""
         return self.schedule if self.schedule is not None else ((self.layer, self.budget),)
 
-    def replace(self, **changes: object) -> "PruneConfig":
+    def replace(self, **changes: object) -> PruneConfig:
         """A copy with some fields changed (validated like the original)."""
         return replace(self, **changes)  # type: ignore[arg-type]
 
-    def validate(self, num_layers: int) -> "PruneConfig":
+    def validate(self, num_layers: int) -> PruneConfig:
         """Check every field against a model with ``num_layers`` decoder layers.
 
         Returns ``self`` so that it can be chained. Raises ``TypeError`` / ``ValueError``

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -87,6 +88,6 @@ class TimedSelector:
         return out
 
     @contextmanager
-    def measure(self) -> Iterator["TimedSelector"]:
+    def measure(self) -> Iterator[TimedSelector]:
         self.seconds, self.calls = 0.0, 0
         yield self

@@ -10,7 +10,7 @@ inverts it. Everything else in pio_fvlm says "64 tokens" for 64 visual tokens *k
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from .config import Budget, validate_budget
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .base import Adapter, ModelParts
 
 
 def find_llava_parts(model: nn.Module) -> ModelParts:
-    inner = getattr(model, "model", None)
+    vlm: Any = model  # HF models: attributes are dynamic
+    inner: Any = getattr(vlm, "model", None)
     lm = getattr(inner, "language_model", None)
-    head = getattr(model, "lm_head", None)
+    head = getattr(vlm, "lm_head", None)
     if lm is None or head is None:
         raise ValueError(
             f"{type(model).__name__} has no `model.language_model` and `lm_head`: wrap the whole "
@@ -22,8 +25,8 @@ def find_llava_parts(model: nn.Module) -> ModelParts:
         norm=lm.norm,
         head=head,
         rotary=lm.rotary_emb,
-        text_config=model.config.text_config,
-        visual_token_ids=(int(model.config.image_token_id),),
+        text_config=vlm.config.text_config,
+        visual_token_ids=(int(vlm.config.image_token_id),),
     )
 
 

@@ -8,21 +8,24 @@ the 3-D position ids, and renumbering M-RoPE positions has no single sensible me
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .base import Adapter, ModelParts
 
 
 def find_qwen_vl_parts(model: nn.Module) -> ModelParts:
-    inner = getattr(model, "model", None)
+    vlm: Any = model  # HF models: attributes are dynamic
+    inner: Any = getattr(vlm, "model", None)
     lm = getattr(inner, "language_model", None)
-    head = getattr(model, "lm_head", None)
+    head = getattr(vlm, "lm_head", None)
     if lm is None or head is None:
         raise ValueError(
             f"{type(model).__name__} has no `model.language_model` and `lm_head`: wrap the whole "
             f"Qwen2(.5)-VL *ForConditionalGeneration model, not a part of it"
         )
-    cfg = model.config
+    cfg = vlm.config
     return ModelParts(
         base=inner,
         layers=lm.layers,

@@ -17,6 +17,7 @@ Data flow of one call (see DESIGN.md):
 from __future__ import annotations
 
 import contextvars
+import copy
 import logging
 import threading
 import weakref
@@ -24,7 +25,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import DynamicCache
 
 from ..config import Budget, PruneConfig, tokens_to_keep
@@ -70,6 +70,12 @@ class Runtime:
             end = stages[s + 1][0] if s + 1 < len(stages) else n_layers
             self.stage_of.update({i: s for i in range(start, end)})
         self.fast_probe = [supports_fast_probe(parts.layers[start]) for start, _ in stages]
+        self._hooks: list[tuple[torch.nn.Module, int]] = []  # (module, hook id): see remove()
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """Per-process state: never copied by deepcopy or pickle (locks and context variables
+        cannot be, and records belong to live cache objects)."""
         self._records: weakref.WeakKeyDictionary[Any, CacheRecord] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._call: contextvars.ContextVar[CallState | None] = contextvars.ContextVar(
@@ -77,23 +83,53 @@ class Runtime:
         )
         self._tokens: dict[int, contextvars.Token[CallState | None]] = {}
         self._last: list[tuple[torch.Tensor | None, torch.Tensor]] | None = None
-        self._handles: list[RemovableHandle] = []
         self._warned: set[str] = set()
+
+    _PORTABLE = ("parts", "config", "stages", "selector", "stage_of", "fast_probe", "_hooks")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: self.__dict__[k] for k in self._PORTABLE}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fresh_state()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Runtime:
+        # Register first: the copied modules' hook dicts hold bound methods of this runtime,
+        # and deep-copying those must land on the new runtime, not a second one.
+        new = Runtime.__new__(Runtime)
+        memo[id(self)] = new
+        new.__setstate__({k: copy.deepcopy(self.__dict__[k], memo) for k in self._PORTABLE})
+        return new
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
         base, layers = self.parts.base, self.parts.layers
-        self._handles.append(base.register_forward_pre_hook(self._call_start, with_kwargs=True))
-        self._handles.append(base.register_forward_hook(self._call_end, with_kwargs=True, always_call=True))
+        handles = [
+            (base, base.register_forward_pre_hook(self._call_start, with_kwargs=True)),
+            (base, base.register_forward_hook(self._call_end, with_kwargs=True, always_call=True)),
+        ]
         for i in sorted(self.stage_of):
             hook = partial(self._layer_start, i)
-            self._handles.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
-        self._handles.append(layers[-1].register_forward_hook(self._last_layer_end, with_kwargs=True))
+            handles.append((layers[i], layers[i].register_forward_pre_hook(hook, with_kwargs=True)))
+        handles.append((layers[-1], layers[-1].register_forward_hook(self._last_layer_end, with_kwargs=True)))
+        # Keep (module, id) rather than torch's handles: those hold weak references to the
+        # original modules' dicts, which a deepcopy or pickle of the model would not follow.
+        self._hooks = [(module, handle.id) for module, handle in handles]
+
+    _HOOK_DICTS = (
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    )
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for module, hook_id in self._hooks:
+            for name in self._HOOK_DICTS:
+                getattr(module, name).pop(hook_id, None)
+        self._hooks.clear()
 
     # ------------------------------------------------------------------ public read-outs
     def last_selection(self, stage: int = -1) -> list[torch.Tensor] | None:
@@ -245,6 +281,7 @@ class Runtime:
         b, length = hidden.shape[:2]
         pos_ids = kwargs.get("position_ids")
         pos_emb = kwargs.get("position_embeddings")
+        removed_before: torch.Tensor | None
         if s == 0:
             assert call.visual is not None
             mask = call.attention_mask

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..tensor_ops import gather_tokens
 from .saliency import PROBING, _clone_tree, _saliency_from, proxy_loss
 from .selector import SelectionRequest
-from ..tensor_ops import gather_tokens
 
 
 def _host_nms(saliency: np.ndarray, features: np.ndarray, candidates: np.ndarray, budget: int,

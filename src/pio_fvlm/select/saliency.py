@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextvars
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -171,8 +172,8 @@ def fast_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
     value path, forward and backward, cost K instead of S tokens. Requires
     ``supports_fast_probe(mods.layer)`` and position embeddings.
     """
-    layer = mods.layer
-    attn = layer.self_attn
+    layer: Any = mods.layer  # HF modules: attributes are dynamic
+    attn: Any = layer.self_attn
     rotary = _rotary_fn(attn)
     assert rotary is not None and inp.position_embeddings is not None
     b, s, d = inp.hidden.shape
