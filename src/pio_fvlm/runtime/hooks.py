@@ -214,7 +214,7 @@ class Runtime:
             return None
         hidden = _hidden_of(args, kwargs)
         if i == st.start_layer and st.gather_index is not None:
-            hidden = gather_tokens(hidden, st.gather_index)
+            hidden = gather_tokens(st.replacement if st.replacement is not None else hidden, st.gather_index)
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = st.attention_mask
         if st.position_ids is not None and "position_ids" in kwargs:
@@ -340,7 +340,9 @@ class Runtime:
             config=cfg,
             fast_probe=self.fast_probe[s] and pos_emb is not None,
         )
-        keep_visual = self.selector(request)
+        chosen = self.selector(request)
+        # a selector may also return replacement hidden states (e.g. pooling carries means)
+        keep_visual, replacement = chosen if isinstance(chosen, tuple) else (chosen, None)
         keep = ~visual | keep_visual
         new_counts = [length - c + k for c, k in zip(counts, keep_counts)]
         index, slot_valid = keep_index(keep, new_counts)
@@ -372,6 +374,7 @@ class Runtime:
             position_ids=new_ids,
             position_embeddings=new_emb,  # type: ignore[arg-type]
             gather_index=index,
+            replacement=replacement,
             full_index=full_new,
             visual=visual_new,
             counts=keep_counts,

@@ -47,6 +47,8 @@ class StageInputs:
         position_embeddings: (cos, sin) of the stage's queries, or None to leave them.
         gather_index: (B, S) long into the previous space; set only when this call prunes
             here, so the stage's first layer shortens the hidden states.
+        replacement: (B, S_prev, D) hidden states to gather from instead of the layer's input,
+            when the selector returned some (merging selectors).
         full_index: (B, S) long positions in the full sequence (-1 filler), for a pruning call.
         visual: (B, S) bool, visual tokens of the stage's sequence, for a pruning call.
         counts: per row, visual tokens in the stage's sequence, for a pruning call.
@@ -58,6 +60,7 @@ class StageInputs:
     position_ids: torch.Tensor | None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     gather_index: torch.Tensor | None = None
+    replacement: torch.Tensor | None = None
     full_index: torch.Tensor | None = None
     visual: torch.Tensor | None = None
     counts: list[int] | None = None

@@ -34,9 +34,10 @@ class SelectionRequest:
 
 
 class Selector(Protocol):
-    """Returns a (B, S) bool mask with exactly ``budgets[b]`` candidates set in row b."""
+    """Returns a (B, S) bool mask with exactly ``budgets[b]`` candidates set in row b, or that
+    mask and (B, S, D) replacement hidden states for the stage's input (merging selectors)."""
 
-    def __call__(self, request: SelectionRequest) -> torch.Tensor: ...
+    def __call__(self, request: SelectionRequest) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class PioSelector:

@@ -1,0 +1,154 @@
+"""The tiny LLaVA we train on the synthetic shapes task (see ``examples/train_tiny_vlm.py``).
+
+A real ``LlavaForConditionalGeneration`` (CLIP tower at 336 px / patch 14 -> 576 visual
+tokens, a small Llama LM) with an offline word-level tokenizer and a ``LlavaProcessor``, so
+that it loads with ``from_pretrained`` from a folder, no hub.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import synthetic as syn
+
+ASSET_DIR = Path(__file__).parent / "assets" / "tiny-llava-shapes"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_TOKEN = "<image>"
+N_VISUAL = (syn.SIZE // 14) ** 2
+
+
+def word_ids() -> dict[str, int]:
+    return {w: i for i, w in enumerate(syn.VOCAB)}
+
+
+def build_model(seed: int = 0) -> Any:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    ids = word_ids()
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=syn.SIZE, patch_size=14, projection_dim=64)
+    text = LlamaConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=len(syn.VOCAB), pad_token_id=ids["<pad>"],
+                       bos_token_id=None, eos_token_id=ids[";"], max_position_embeddings=1024)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids[IMAGE_TOKEN],
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    config._attn_implementation = "sdpa"
+    return LlavaForConditionalGeneration(config)
+
+
+def build_processor() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab=word_ids(), unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token=";", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": syn.SIZE},
+                                         crop_size={"height": syn.SIZE, "width": syn.SIZE},
+                                         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                          vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                          num_additional_image_tokens=1)
+
+
+def pixels(images: list[np.ndarray]) -> torch.Tensor:
+    """(B, 3, 336, 336) normalised like the CLIP processor (images are already 336 x 336)."""
+    x = torch.from_numpy(np.stack(images)).float().div(255.0).permute(0, 3, 1, 2)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int = 8) -> dict[str, torch.Tensor]:
+    """Teacher-forced sequences: image tokens, then ``pairs`` question/answer pairs.
+
+    ``labels`` are -100 except at answer tokens, so the loss trains answering only.
+    """
+    ids = word_ids()
+    rows, label_rows, images = [], [], []
+    for _ in range(batch):
+        objects = syn.random_scene(rng, rng.randint(1, max_objects))
+        images.append(syn.render(objects, rng))
+        qas: list[syn.QA] = []
+        while len(qas) < pairs:
+            qas += syn.questions(objects, rng)
+        rng.shuffle(qas)
+        row = [ids[IMAGE_TOKEN]] * N_VISUAL
+        labels = [-100] * N_VISUAL
+        for qa in qas[:pairs]:
+            words = syn.qa_text(qa, with_answer=True).split()
+            for w in words:
+                row.append(ids[w])
+            labels += [-100] * len(words)
+            # predict the answer at the position of "answer" (labels are shifted by the model)
+            labels[len(row) - 2] = ids[qa.answer]
+        rows.append(row)
+        label_rows.append(labels)
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((batch, length), ids["<pad>"], dtype=torch.long)
+    labels_t = torch.full((batch, length), -100, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        labels_t[i, : len(r)] = torch.tensor(lab)
+        mask[i, : len(r)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels_t, "pixel_values": pixels(images)}
+
+
+EvalItem = tuple[np.ndarray, list[syn.Obj], syn.QA]
+
+
+def eval_set(n: int = 300, seed: int = 10_000_019, max_objects: int = 4) -> list[EvalItem]:
+    """A held-out split (its own seed): one question per scene, types in rotation."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        objects = syn.random_scene(rng, 1 + i % max_objects)
+        image = syn.render(objects, rng)
+        by_kind = {qa.kind: qa for qa in syn.questions(objects, rng)}
+        kind = syn.QUESTION_TYPES[i % len(syn.QUESTION_TYPES)]
+        qa = by_kind.get(kind) or next(iter(by_kind.values()))
+        out.append((image, objects, qa))
+    return out
+
+
+@torch.no_grad()
+def answer_batch(model: Any, images: list[np.ndarray], qas: list[syn.QA]) -> list[str]:
+    """Greedy one-word answers (next-token argmax after "... ? answer")."""
+    ids = word_ids()
+    words = syn.VOCAB
+    rows = [[ids[IMAGE_TOKEN]] * N_VISUAL + [ids[w] for w in syn.qa_text(qa, with_answer=False).split()] for qa in qas]
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), ids["<pad>"], dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, r in enumerate(rows):  # left padding, as generate wants
+        input_ids[i, length - len(r):] = torch.tensor(r)
+        mask[i, length - len(r):] = 1
+    logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels(images), logits_to_keep=1).logits
+    return [words[int(t)] for t in logits[:, -1].argmax(-1)]
+
+
+def evaluate(model: Any, split: list[tuple[np.ndarray, list[syn.Obj], syn.QA]], batch: int = 16,
+             blank: bool = False) -> dict[str, float]:
+    """Accuracy overall, per question type and per object count. ``blank`` replaces every
+    image by background noise (accuracy should fall to the answer prior)."""
+    hits: dict[str, list[int]] = {}
+    rng = random.Random(0)
+    for start in range(0, len(split), batch):
+        chunk = split[start : start + batch]
+        images = [syn.render([], rng, blank=True) if blank else img for img, _, _ in chunk]
+        answers = answer_batch(model, images, [qa for _, _, qa in chunk])
+        for (_, objects, qa), got in zip(chunk, answers):
+            ok = int(got == qa.answer)
+            for key in ("all", qa.kind, f"objects={len(objects)}"):
+                hits.setdefault(key, []).append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
