@@ -73,7 +73,7 @@ def demo(argv: list[str]) -> int:
         full, inputs = answer(qa)
         wrap(model, budget=args.budget)
         pruned, _ = answer(qa)
-        kept = last_selection(model)[0]
+        kept = (last_selection(model) or [torch.empty(0, dtype=torch.long)])[0]
         unwrap(model)
         rows.append((qa, full, pruned))
     width = max(len(qa.question) for qa, _, _ in rows)
@@ -158,7 +158,7 @@ def run(argv: list[str]) -> int:
         first = _median_seconds(prefill, 3)
         results[name] = (processor.decode(out[0, length:], skip_special_tokens=True), first, total)
         if name == "pruned":
-            kept = last_selection(model)[0]
+            kept = (last_selection(model) or [torch.empty(0, dtype=torch.long)])[0]
             unwrap(model)
     visual_ids = adapter_for(model).find_parts(model).visual_token_ids
     n_visual = int(torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids, device=model.device)).sum())
