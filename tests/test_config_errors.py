@@ -128,3 +128,20 @@ def test_compact_positions_refused_for_mrope(family):
 
 def test_supported_model_types():
     assert pio_fvlm.supported_model_types() == ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]
+
+
+def test_budget_above_visual_count_warns_once(llava_sdpa, caplog):
+    import logging
+
+    from pio_fvlm.testing import Prompt, make_batch
+
+    inputs = make_batch(llava_sdpa, [Prompt(before=[5], after=[9, 10])])
+    pio_fvlm.wrap(llava_sdpa, budget=500)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pio_fvlm"):
+            for _ in range(3):
+                with torch.no_grad():
+                    llava_sdpa(**inputs)
+    finally:
+        pio_fvlm.unwrap(llava_sdpa)
+    assert sum("nothing is pruned" in r.message for r in caplog.records) == 1

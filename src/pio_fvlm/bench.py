@@ -10,6 +10,8 @@ Modes, measured interleaved (round-robin over repetitions, so that machine noise
 * ``ideal-B``: the vision tower, then the language model fed only text + B visual tokens from
   layer 0: the limit for any in-LLM pruning with free selection.
 * ``naive-B``: the authors' implementation style (full-sequence probe and head, host NMS loop).
+* ``free-B``: pruning at the same layer with a selection that costs nothing (evenly spaced
+  tokens): the bound for any method that must score tokens after layer 1.
 
 The default model is a random-weight LLaVA-1.5 miniature: CLIP at 336 px / patch 14 (576 visual
 tokens), a 32-layer LM with LLaVA-7B's proportions shrunk (hidden 512, MLP 1376, vocabulary 4000,
@@ -33,6 +35,7 @@ from . import unwrap, wrap
 from .api import is_wrapped
 from .measure import TimedSelector, count_flops, kv_cache_bytes, synchronize, timed
 from .select import PioSelector
+from .select.baselines import UniformSelector
 from .select.naive import NaiveSelector
 
 
@@ -92,10 +95,14 @@ class Bench:
     def _configure(self, mode: Mode) -> None:
         if is_wrapped(self.model):
             unwrap(self.model)
-        if mode.kind in ("pio", "naive"):
-            selector = self.timer if mode.kind == "pio" else TimedSelector(NaiveSelector())
-            self.timer_now = selector
-            wrap(self.model, budget=mode.budget, selector=selector)
+        if mode.kind in ("pio", "naive", "free"):
+            inner = {
+                "pio": self.timer,
+                "naive": TimedSelector(NaiveSelector()),
+                "free": TimedSelector(UniformSelector()),
+            }
+            self.timer_now = inner[mode.kind]
+            wrap(self.model, budget=mode.budget, selector=self.timer_now)
 
     def _ideal_embeds(self, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Vision tower + projector, then embeddings of text + the first ``budget`` visual tokens."""
@@ -133,11 +140,11 @@ class Bench:
     def measure(self, mode: Mode, e2e: bool) -> None:
         self._configure(mode)
         with torch.inference_mode():
-            if mode.kind in ("pio", "naive"):
+            if mode.kind in ("pio", "naive", "free"):
                 self.timer_now.seconds = 0.0
             seconds, _ = timed(lambda: self.prefill(mode))
             mode.prefill_s.append(seconds)
-            if mode.kind in ("pio", "naive"):
+            if mode.kind in ("pio", "naive", "free"):
                 mode.select_s.append(self.timer_now.seconds)
             if e2e:
                 seconds, _ = timed(lambda: self.generate(mode))
@@ -180,6 +187,8 @@ def run(args: argparse.Namespace, progress: Callable[[Any], Any] | None = None) 
     for b in args.budgets:
         modes += [Mode(f"pio-{b}", "pio", b), Mode(f"ideal-{b}", "ideal", b)]
     modes += [Mode(f"naive-{b}", "naive", b) for b in args.naive_budgets]
+    # same prune point, a selection that costs nothing: the bound for pruning at layer 1
+    modes += [Mode(f"free-{b}", "free", b) for b in args.naive_budgets]
     modes.append(Mode(f"pio-{n_visual}", "pio", n_visual))  # the no-op path
 
     for mode in modes:
@@ -234,6 +243,8 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
     if 64 in args.budgets:
         checks["pio64_over_ideal64"] = by["pio-64"]["prefill_speedup"] / by["ideal-64"]["prefill_speedup"]
         checks["pio64_over_ideal64_paired"] = paired_ratio("ideal-64", "pio-64")
+        if "free-64" in by:
+            checks["pio64_over_free64_paired"] = paired_ratio("free-64", "pio-64")
         checks["selection_overhead_of_full_prefill"] = by["pio-64"]["select_ms"] / (fp * 1e3)
         layer_bytes = by["pio-64"]["kv_layer_bytes"]
         full_bytes = full.kv_layer_bytes

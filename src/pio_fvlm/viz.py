@@ -54,7 +54,8 @@ def square_view(image: Any, size: int = 336) -> Any:
     img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     img = img.convert("RGB")
     scale = size / min(img.size)
-    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.Resampling.BICUBIC)
+    new_size = (max(size, round(img.width * scale)), max(size, round(img.height * scale)))
+    img = img.resize(new_size, Image.Resampling.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2
     return img.crop((left, top, left + size, top + size))
 

@@ -43,6 +43,11 @@ def _cache_of(kwargs: dict[str, Any]) -> Any:
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
+def _offloaded(module: torch.nn.Module) -> bool:
+    """True when accelerate offloads the module's weights (they sit on the meta device)."""
+    return any(p.device.type == "meta" for p in module.parameters())
+
+
 def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -69,7 +74,12 @@ class Runtime:
         for s, (start, _) in enumerate(stages):
             end = stages[s + 1][0] if s + 1 < len(stages) else n_layers
             self.stage_of.update({i: s for i in range(start, end)})
-        self.fast_probe = [supports_fast_probe(parts.layers[start]) for start, _ in stages]
+        # The fast probe calls the layer's sub-modules and reads weights directly; a layer whose
+        # weights accelerate keeps off the device (CPU / disk offload: meta parameters until its
+        # own forward runs) gets the generic probe, which calls the layer as a whole.
+        self.fast_probe = [
+            supports_fast_probe(parts.layers[start]) and not _offloaded(parts.layers[start]) for start, _ in stages
+        ]
         self._hooks: list[tuple[torch.nn.Module, int]] = []  # (module, hook id): see remove()
         self._fresh_state()
 
@@ -270,8 +280,14 @@ class Runtime:
         final_counts = list(call.n_visual)
         for _, budget in self.stages:
             final_counts = [tokens_to_keep(budget, n) for n in final_counts]
-        if final_counts == call.n_visual:
-            return None  # the budget keeps everything: leave the model exactly as it is
+        if final_counts == call.n_visual:  # the budget keeps everything: leave the model as it is
+            self._warn_once(
+                "noop",
+                f"pio_fvlm: the budget keeps every visual token of this input ({max(call.n_visual)} at most), "
+                f"so nothing is pruned; pass a smaller budget (an int below the visual-token count, or a "
+                f"fraction such as budget=0.25) to prune.",
+            )
+            return None
         return self._prune_stage(call, s, i, _hidden_of(args, kwargs), kwargs, cache)
 
     def _prune_stage(
