@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import Budget, PruneConfig
+from .encoder import install_visionzip
 from .models import adapter_for
 from .runtime import Runtime
 from .runtime.masks import check_attention_backend
@@ -37,6 +38,8 @@ def wrap(
     positions: Literal["keep", "compact"] = _UNSET,
     schedule: Sequence[tuple[int, Budget]] | None = _UNSET,
     preset: str | None = None,
+    encoder: str | None = _UNSET,
+    encoder_budget: int | None = _UNSET,
     config: PruneConfig | None = None,
     selector: Selector | None = None,
 ) -> M:
@@ -48,6 +51,8 @@ def wrap(
     is an error. Wrapping an already wrapped model replaces its settings (no stacking).
     ``schedule=[(layer, kept), ...]`` prunes in several stages (instead of ``budget``/``layer``);
     ``preset="paper-64"`` (or ``"paper-128"``, ``"paper-192"``) uses the authors' LLaVA-1.5 schedules.
+    ``encoder="visionzip", encoder_budget=128`` first reduces each image to 128 tokens before the
+    language model (encoder-involved mode, LLaVA-1.5; see :mod:`pio_fvlm.encoder`).
     ``selector=`` swaps the token choice (for baselines and tests); PIO-FVLM by default.
     """
     keywords = {
@@ -58,6 +63,8 @@ def wrap(
         "proxy_includes_last": proxy_includes_last,
         "positions": positions,
         "schedule": schedule,
+        "encoder": encoder,
+        "encoder_budget": encoder_budget,
     }
     given = {k: v for k, v in keywords.items() if v is not _UNSET}
     if preset is not None:
@@ -89,9 +96,19 @@ def wrap(
             f"{adapter.position_modes} (M-RoPE models keep each kept token's 3-D position)"
         )
     check_attention_backend(parts.text_config)
+    stages: list[tuple[int, Any]] = list(config.stages())
+    selectors: list[Selector] = [selector or PioSelector()] * len(stages)
+    extra_hooks = []
+    if config.encoder is not None:
+        assert config.encoder_budget is not None
+        encoder_selector, vision_attention, per_sample = install_visionzip(model, config.encoder_budget)
+        stages.insert(0, (0, per_sample))
+        selectors.insert(0, encoder_selector)
+        extra_hooks.append((vision_attention, encoder_selector.capture.hook))
     if is_wrapped(model):
         unwrap(model)
-    runtime = Runtime(parts, config, list(config.stages()), selector or PioSelector())
+    runtime = Runtime(parts, config, stages, selectors)
+    runtime._extra_hooks = extra_hooks
     runtime.install()
     object.__setattr__(model, _RUNTIME_ATTR, runtime)
     return model

@@ -34,6 +34,10 @@ class PruneConfig:
         schedule: multi-stage pruning instead of ``budget``/``layer``: ``((layer, kept), ...)``
             with strictly increasing layers and non-increasing counts; each stage selects among
             the survivors of the previous one with its own probe at its layer.
+        encoder: ``"visionzip"`` reduces each image to ``encoder_budget`` tokens before the
+            language model (encoder-involved mode; LLaVA-1.5), then the saliency stages prune
+            on from there.
+        encoder_budget: tokens per image kept by the encoder-side reduction.
     """
 
     budget: Budget = 64
@@ -43,6 +47,8 @@ class PruneConfig:
     proxy_includes_last: bool = False
     positions: Literal["keep", "compact"] = "keep"
     schedule: tuple[tuple[int, Budget], ...] | None = None
+    encoder: str | None = None
+    encoder_budget: int | None = None
 
     def stages(self) -> tuple[tuple[int, Budget], ...]:
         """The prune stages: the schedule, or the single stage ``((layer, budget),)``."""
@@ -92,6 +98,17 @@ class PruneConfig:
             raise ValueError(f"proxy_tokens must be an int >= 1 (4 is the authors' setting); got {k!r}")
         if not isinstance(self.proxy_includes_last, bool):
             raise TypeError(f"proxy_includes_last must be True or False; got {self.proxy_includes_last!r}")
+        if self.encoder is not None or self.encoder_budget is not None:
+            from .encoder import ENCODERS
+
+            if self.encoder not in ENCODERS:
+                raise ValueError(f"encoder must be one of {ENCODERS} or None; got {self.encoder!r}")
+            b = self.encoder_budget
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise ValueError(
+                    f"encoder={self.encoder!r} needs encoder_budget, an int >= 1 of tokens kept per image "
+                    f"before the language model (e.g. encoder_budget=128); got {b!r}"
+                )
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}; got {self.positions!r}")
         return self
@@ -117,7 +134,9 @@ def validate_budget(budget: object) -> None:
 
 def tokens_to_keep(budget: Budget, n_visual: int) -> int:
     """How many of a sample's ``n_visual`` visual tokens the budget keeps (never more than exist)."""
-    if isinstance(budget, float):
+    if callable(budget):  # a rule of its own (encoder mode: a count per image)
+        want = budget(n_visual)
+    elif isinstance(budget, float):
         want = max(1, math.floor(budget * n_visual + 0.5))
     else:
         want = budget

@@ -63,12 +63,16 @@ class Runtime:
     """
 
     def __init__(
-        self, parts: ModelParts, config: PruneConfig, stages: list[tuple[int, Budget]], selector: Selector
+        self,
+        parts: ModelParts,
+        config: PruneConfig,
+        stages: list[tuple[int, Budget]],
+        selector: Selector | list[Selector],
     ) -> None:
         self.parts = parts
         self.config = config
         self.stages = stages
-        self.selector = selector
+        self.selectors = selector if isinstance(selector, list) else [selector] * len(stages)
         n_layers = len(parts.layers)
         self.stage_of: dict[int, int] = {}
         for s, (start, _) in enumerate(stages):
@@ -81,6 +85,7 @@ class Runtime:
             supports_fast_probe(parts.layers[start]) and not _offloaded(parts.layers[start]) for start, _ in stages
         ]
         self._hooks: list[tuple[torch.nn.Module, int]] = []  # (module, hook id): see remove()
+        self._extra_hooks: list[tuple[torch.nn.Module, Any]] = []  # pre-hooks of other parts (encoder)
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -95,7 +100,7 @@ class Runtime:
         self._last: list[tuple[torch.Tensor | None, torch.Tensor]] | None = None
         self._warned: set[str] = set()
 
-    _PORTABLE = ("parts", "config", "stages", "selector", "stage_of", "fast_probe", "_hooks")
+    _PORTABLE = ("parts", "config", "stages", "selectors", "stage_of", "fast_probe", "_hooks", "_extra_hooks")
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: self.__dict__[k] for k in self._PORTABLE}
@@ -123,6 +128,8 @@ class Runtime:
             hook = partial(self._layer_start, i)
             handles.append((layers[i], layers[i].register_forward_pre_hook(hook, with_kwargs=True)))
         handles.append((layers[-1], layers[-1].register_forward_hook(self._last_layer_end, with_kwargs=True)))
+        for module, hook in self._extra_hooks:
+            handles.append((module, module.register_forward_pre_hook(hook, with_kwargs=True)))
         # Keep (module, id) rather than torch's handles: those hold weak references to the
         # original modules' dicts, which a deepcopy or pickle of the model would not follow.
         self._hooks = [(module, handle.id) for module, handle in handles]
@@ -199,6 +206,10 @@ class Runtime:
         if call is None:
             return
         self._call.reset(self._tokens.pop(id(call)))
+        for selector in self.selectors:
+            reset = getattr(selector, "reset", None)
+            if reset is not None:
+                reset()  # per-call state of a selector (e.g. captured encoder attention) ends here
         if call.record is not None and not call.pruned:
             call.record.full_len += call.q_len
         if call.pruned:
@@ -356,7 +367,7 @@ class Runtime:
             config=cfg,
             fast_probe=self.fast_probe[s] and pos_emb is not None,
         )
-        chosen = self.selector(request)
+        chosen = self.selectors[s](request)
         # a selector may also return replacement hidden states (e.g. pooling carries means)
         keep_visual, replacement = chosen if isinstance(chosen, tuple) else (chosen, None)
         keep = ~visual | keep_visual

@@ -1,0 +1,74 @@
+"""Quality benchmark on the shipped tiny LLaVA (synthetic shapes task, held-out split).
+
+    python benchmarks/quality.py                       # budgets 192 128 64 32 16, every selector
+    python benchmarks/quality.py --items 150 --budgets 64 16
+
+Accuracy and retention (= accuracy / accuracy with all 576 tokens) per budget for: PIO-FVLM
+(default, and the variants worth knowing: prune layer 2, proxy positions including the last,
+NMS off, tau 0.6), and baselines through the same selector interface: random, uniform, pooling,
+FastV (the last token's attention at layer 2, computed from the layer's projections, so any
+backend works) and DART-style. Blank-image accuracy gives the answer prior. Writes JSON to
+benchmarks/results/quality.json. The split is held out (its own seed) and nothing is tuned on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlavaForConditionalGeneration
+
+import pio_fvlm
+from pio_fvlm import shapes_vlm as sv
+from pio_fvlm.select.baselines import DartSelector, FastVSelector, PoolingSelector, RandomSelector, UniformSelector
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "pio": {},
+    "pio layer=2": {"layer": 2},
+    "pio proxy incl. last": {"proxy_includes_last": True},
+    "pio no NMS": {"nms_threshold": None},
+    "pio tau=0.6": {"nms_threshold": 0.6},
+    "random": {"selector": RandomSelector(0)},
+    "uniform": {"selector": UniformSelector()},
+    "pooling": {"selector": PoolingSelector(sv.N_VISUAL)},
+    "fastv (layer 2)": {"selector": FastVSelector(), "layer": 2},
+    "dart": {"selector": DartSelector()},
+}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=300)
+    p.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64, 32, 16])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--out", default="benchmarks/results/quality.json")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    model = LlavaForConditionalGeneration.from_pretrained(sv.ASSET_DIR).eval()
+    split = sv.eval_set(args.items)
+    full = sv.evaluate(model, split)
+    blank = sv.evaluate(model, split, blank=True)["all"]
+    print(f"all {sv.N_VISUAL} tokens: {full['all']:.1%}   blank image (prior): {blank:.1%}")
+    rows: dict[str, dict[int, float]] = {}
+    header = f"{'selector':<22}" + "".join(f"{b:>9}" for b in args.budgets)
+    print("retention (accuracy / all-token accuracy)\n" + header)
+    for name in args.variants:
+        rows[name] = {}
+        for budget in args.budgets:
+            pio_fvlm.wrap(model, budget=budget, **VARIANTS[name])
+            rows[name][budget] = sv.evaluate(model, split)["all"]
+            pio_fvlm.unwrap(model)
+        print(f"{name:<22}" + "".join(f"{rows[name][b] / full['all']:>9.1%}" for b in args.budgets), flush=True)
+    result = {"items": args.items, "full": full, "blank": blank, "accuracy": rows,
+              "training_state": json.loads((sv.ASSET_DIR / "training_state.json").read_text())["step"]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

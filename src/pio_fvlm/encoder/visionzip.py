@@ -1,0 +1,139 @@
+"""Encoder-involved mode for LLaVA-1.5: a VisionZip-style reduction before the language model.
+
+Per image, ``encoder_budget`` tokens survive into the language model: the *dominant* patches
+(the most attention from the [CLS] query in the vision layer whose output feeds the projector)
+and a few *contextual* tokens, each the mean of a group of the remaining patches (groups form
+around evenly spaced targets by key similarity). VisionZip's split of 54 dominant + 10
+contextual per 64 is kept for every budget.
+
+How it is done here (own implementation, differs from VisionZip on purpose):
+* the [CLS] attention row is computed from that vision layer's own projections for the one
+  [CLS] query (no switch of the whole tower to eager attention, no attention map);
+* the reduction acts at the language model's input, as a prune stage at layer 0: kept tokens
+  are gathered and each contextual token carries the mean of its group's *projected* features
+  (VisionZip merges before the projector). ``input_ids`` and HF's own image-feature merging stay
+  untouched, so ``generate``, caching and batching work as in every other mode; the
+  gradient-saliency stage later in the LM treats merged tokens like any other visual token.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..select.selector import SelectionRequest
+
+DOMINANT_SHARE = 54 / 64  # VisionZip's dominant / total split
+
+
+class ClsAttentionCapture:
+    """Records, per vision-tower call, the [CLS] query's attention over the patches and the
+    patches' keys, in the vision layer that feeds the projector.
+
+    ``drop_cls``: whether the model's features drop [CLS] (``vision_feature_select_strategy``
+    "default"), so that scores line up with the visual tokens in ``input_ids``.
+    """
+
+    def __init__(self, drop_cls: bool) -> None:
+        self.drop_cls = drop_cls
+        self._fresh()
+
+    def _fresh(self) -> None:
+        # (captures of the current call, whether a call has ended since): a thread's own state
+        self._captured: contextvars.ContextVar[tuple[list[tuple[torch.Tensor, torch.Tensor]], bool]] = (
+            contextvars.ContextVar(f"pio_fvlm_cls_{id(self)}", default=([], True))
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"drop_cls": self.drop_cls}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.drop_cls = state["drop_cls"]
+        self._fresh()
+
+    def hook(self, attn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook on the vision layer's self-attention (input: normalised states)."""
+        h = args[0] if args else kwargs["hidden_states"]  # (images, 1 + patches, width)
+        n, s, _ = h.shape
+        q = attn.q_proj(h[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # (n, H, s, hd)
+        cls_attention = ((q @ k.transpose(2, 3)).float() * attn.scale).softmax(-1).mean(1).squeeze(1)  # (n, s)
+        keys = k.mean(1).float()  # (n, s, hd)
+        if self.drop_cls:
+            cls_attention, keys = cls_attention[:, 1:], keys[:, 1:]
+        captured, closed = self._captured.get()
+        self._captured.set((([] if closed else captured) + [(cls_attention, keys)], False))
+
+    def close_call(self) -> None:
+        """A forward call ended: the next vision call starts a new capture. The last one stays
+        readable, because generate without a cache re-runs the language model on the same image
+        features without re-running the vision tower."""
+        captured, _ = self._captured.get()
+        self._captured.set((captured, True))
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images captured for the current call (or the last one), in order: scores (n, P),
+        keys (n, P, hd)."""
+        captured, _ = self._captured.get()
+        if not captured:
+            raise RuntimeError(
+                "pio_fvlm encoder mode: no vision-tower attention was captured for this call; pass "
+                "pixel_values with the images (precomputed image features cannot be reduced)"
+            )
+        return torch.cat([c[0] for c in captured]), torch.cat([c[1] for c in captured])
+
+
+def kept_per_image(encoder_budget: int, tokens_per_image: int) -> int:
+    return min(encoder_budget, tokens_per_image)
+
+
+class VisionZipSelector:
+    """The layer-0 stage of encoder mode: dominant + contextual tokens per image."""
+
+    def __init__(self, capture: ClsAttentionCapture, encoder_budget: int, tokens_per_image: int) -> None:
+        self.capture = capture
+        self.encoder_budget = encoder_budget
+        self.tokens_per_image = tokens_per_image
+
+    def reset(self) -> None:
+        """Called at every call's end."""
+        self.capture.close_call()
+
+    def __call__(self, request: SelectionRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, keys = self.capture.take()
+        cand, hidden = request.candidates, request.probe_inputs.hidden
+        keep = torch.zeros_like(cand)
+        merged = hidden.clone()
+        per = self.tokens_per_image
+        total = kept_per_image(self.encoder_budget, per)
+        n_dom = max(1, min(total, round(total * DOMINANT_SHARE))) if total < per else per
+        n_ctx = total - n_dom
+        image = 0
+        for b in range(cand.shape[0]):
+            positions = cand[b].nonzero().flatten()
+            for j in range(positions.numel() // per):
+                pos = positions[j * per : (j + 1) * per]
+                if image >= scores.shape[0]:
+                    raise RuntimeError("encoder mode: more images in input_ids than the vision tower saw")
+                score, key = scores[image].to(hidden.device), keys[image].to(hidden.device)
+                image += 1
+                dominant = score.topk(n_dom).indices
+                keep[b, pos[dominant]] = True
+                if n_ctx == 0:
+                    continue
+                rest = torch.ones(per, dtype=torch.bool, device=hidden.device)
+                rest[dominant] = False
+                rest_idx = rest.nonzero().flatten()  # in image (= sequence) order
+                targets = rest_idx[(torch.arange(n_ctx, device=hidden.device) * rest_idx.numel()) // n_ctx]
+                unit = F.normalize(key, dim=-1)
+                group = (unit[rest_idx] @ unit[targets].T).argmax(-1)  # each rest token -> a target
+                group[torch.searchsorted(rest_idx, targets)] = torch.arange(n_ctx, device=hidden.device)
+                sums = torch.zeros(n_ctx, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+                sums.index_add_(0, group, hidden[b, pos[rest_idx]].float())
+                counts = torch.bincount(group, minlength=n_ctx).clamp(min=1).unsqueeze(1)
+                merged[b, pos[targets]] = (sums / counts).to(hidden.dtype)
+                keep[b, pos[targets]] = True
+        return keep, merged

@@ -1,0 +1,86 @@
+"""Encoder-involved mode (VisionZip-style reduction before the LM, then gradient saliency)."""
+
+import pytest
+import torch
+
+import pio_fvlm
+from conftest import FixedSelector, n_visual
+from pio_fvlm.encoder.visionzip import DOMINANT_SHARE
+from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
+
+GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
+PROMPTS = [Prompt(before=[5, 6], after=[9, 10, 11, 12]), Prompt(before=[5], after=[9, 10], images=2)]
+
+
+@pytest.fixture
+def model():
+    return tiny_vlm("llava", num_layers=4, seed=51)  # 16 visual tokens per image
+
+
+def test_layer_lengths_and_kept_sets(model):
+    inputs = make_batch(model, PROMPTS)
+    pio_fvlm.wrap(model, budget=4, layer=2, encoder="visionzip", encoder_budget=8)
+    seen = {}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
+        )
+        for i, layer in enumerate(model.model.language_model.layers)
+    ]
+    with torch.no_grad():
+        model(**inputs)
+    for h in hooks:
+        h.remove()
+    length = inputs["input_ids"].shape[1]
+    counts = n_visual(inputs)  # 16 and 32
+    enc = [n // 16 * 8 for n in counts]
+    assert seen[0] == seen[1] == max(length - n + e for n, e in zip(counts, enc))  # text + encoder_budget
+    assert seen[2] == seen[3] == max(length - n + 4 for n in counts)  # text + budget
+    stage0, stage1 = pio_fvlm.last_selection(model, 0), pio_fvlm.last_selection(model, 1)
+    assert [len(s) for s in stage0] == enc and [len(s) for s in stage1] == [4, 4]
+    for a, b in zip(stage0, stage1):
+        assert set(b.tolist()) <= set(a.tolist())
+
+
+def test_dominant_tokens_follow_cls_attention(model):
+    inputs = make_batch(model, PROMPTS[:1])
+    pio_fvlm.wrap(model, budget=8, encoder="visionzip", encoder_budget=8)
+    with torch.no_grad():
+        model(**inputs)
+    kept = set(pio_fvlm.last_selection(model, 0)[0].tolist())
+    # reference: the attention map of an eager run of the vision tower
+    tower = model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    with torch.no_grad():
+        attentions = tower(inputs["pixel_values"], output_attentions=True).attentions
+    cls_row = attentions[-1][0, :, 0, 1:].mean(0)  # feature layer -1, [CLS] query, patches
+    n_dom = round(8 * DOMINANT_SHARE)
+    first = int((inputs["input_ids"][0] == 3).nonzero()[0])
+    dominant = {first + int(i) for i in cls_row.topk(n_dom).indices}
+    assert dominant <= kept and len(kept) == 8
+
+
+def test_cached_equals_uncached_and_batch_equals_alone(model):
+    batch = make_batch(model, PROMPTS)
+    pio_fvlm.wrap(model, budget=4, layer=2, encoder="visionzip", encoder_budget=8, selector=FixedSelector())
+    cached = model.generate(**batch, **GEN)
+    assert torch.equal(cached, model.generate(**batch, use_cache=False, **GEN))
+    pio_fvlm.wrap(model, budget=4, layer=2, encoder="visionzip", encoder_budget=8)
+    out = model.generate(**batch, **GEN)
+    length = batch["input_ids"].shape[1]
+    for i in range(len(PROMPTS)):
+        alone = split_batch(model, PROMPTS, batch, i)
+        solo = model.generate(**alone, **GEN)
+        assert out[i, length:].tolist() == solo[0, alone["input_ids"].shape[1]:].tolist()
+
+
+def test_encoder_mode_errors(model):
+    with pytest.raises(ValueError, match="needs encoder_budget"):
+        pio_fvlm.wrap(model, budget=4, encoder="visionzip")
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        pio_fvlm.wrap(model, budget=4, encoder="zip", encoder_budget=8)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        pio_fvlm.wrap(model, budget=4, encoder_budget=8)
+    qwen = tiny_vlm("qwen2_vl")
+    with pytest.raises(ValueError, match="no encoder of that kind"):
+        pio_fvlm.wrap(qwen, budget=4, encoder="visionzip", encoder_budget=8)
