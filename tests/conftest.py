@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -67,3 +69,21 @@ def any_model(request):
 def logits_equal_on_valid(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, atol: float = 1e-5) -> bool:
     m = mask.bool()
     return torch.allclose(a[m], b[m], atol=atol, rtol=1e-4)
+
+
+@contextmanager
+def layer_lengths(model):
+    """Records the sequence length each decoder layer receives (registered after pio_fvlm's
+    hooks, so it sees what the layer really gets). Yields {layer index: length}."""
+    seen: dict[int, int] = {}
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
+        )
+        for i, layer in enumerate(model.model.language_model.layers)
+    ]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

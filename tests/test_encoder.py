@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import FixedSelector, n_visual
+from conftest import FixedSelector, layer_lengths, n_visual
 from pio_fvlm.encoder.visionzip import DOMINANT_SHARE
 from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
 
@@ -20,17 +20,8 @@ def model():
 def test_layer_lengths_and_kept_sets(model):
     inputs = make_batch(model, PROMPTS)
     pio_fvlm.wrap(model, budget=4, layer=2, encoder="visionzip", encoder_budget=8)
-    seen = {}
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
-        )
-        for i, layer in enumerate(model.model.language_model.layers)
-    ]
-    with torch.no_grad():
+    with torch.no_grad(), layer_lengths(model) as seen:
         model(**inputs)
-    for h in hooks:
-        h.remove()
     length = inputs["input_ids"].shape[1]
     counts = n_visual(inputs)  # 16 and 32
     enc = [n // 16 * 8 for n in counts]

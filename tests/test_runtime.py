@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import FixedSelector, n_visual, standard_batch, standard_prompts
+from conftest import FixedSelector, layer_lengths, n_visual, standard_batch, standard_prompts
 from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
 
 
@@ -57,19 +57,9 @@ def test_pruning_changes_the_computation(model):
 
 def test_pruned_layers_see_short_sequences_and_cache(model):
     inputs = standard_batch(model)
-    layers = model.model.language_model.layers
     pio_fvlm.wrap(model, budget=4, layer=2)
-    seen = {}
-    # registered after ours, these pre-hooks see what each layer really receives
-    handles = [
-        layer.register_forward_pre_hook(
-            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
-        )
-        for i, layer in enumerate(layers)
-    ]
-    out = model(**inputs, use_cache=True)
-    for h in handles:
-        h.remove()
+    with layer_lengths(model) as seen:
+        out = model(**inputs, use_cache=True)
     length = inputs["input_ids"].shape[1]
     # each row keeps its text (padding included) and min(n, 4) visual tokens; rows are
     # re-padded to the longest

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import FixedSelector, n_visual, standard_batch, standard_prompts
+from conftest import FixedSelector, layer_lengths, n_visual, standard_batch, standard_prompts
 from pio_fvlm.schedules import average_budget, preset, schedule_for
 from pio_fvlm.testing import make_batch, split_batch, tiny_vlm
 
@@ -72,17 +72,8 @@ def test_per_layer_lengths_follow_the_schedule(deep_model):
     model = deep_model
     inputs = standard_batch(model)
     pio_fvlm.wrap(model, schedule=[(1, 6), (3, 4), (5, 2)])
-    seen = {}
-    handles = [
-        layer.register_forward_pre_hook(
-            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
-        )
-        for i, layer in enumerate(model.model.language_model.layers)
-    ]
-    with torch.no_grad():
+    with torch.no_grad(), layer_lengths(model) as seen:
         out = model(**inputs, use_cache=True)
-    for h in handles:
-        h.remove()
     length = inputs["input_ids"].shape[1]
     counts = n_visual(inputs)
 

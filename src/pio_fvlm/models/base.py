@@ -33,6 +33,29 @@ class ModelParts:
     visual_token_ids: tuple[int, ...]
 
 
+def language_model_parts(model: nn.Module, visual_ids: Callable[[Any], tuple[int, ...]]) -> ModelParts:
+    """Parts of the common HF layout: ``model.model.language_model`` (layers, norm, rotary) and
+    ``model.lm_head``; ``visual_ids(config)`` names the visual placeholder ids."""
+    vlm: Any = model  # HF models: attributes are dynamic
+    inner: Any = getattr(vlm, "model", None)
+    lm = getattr(inner, "language_model", None)
+    head = getattr(vlm, "lm_head", None)
+    if lm is None or head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no `model.language_model` and `lm_head`: wrap the whole "
+            f"*ForConditionalGeneration model (the object `from_pretrained` returns), not a part of it"
+        )
+    return ModelParts(
+        base=inner,
+        layers=lm.layers,
+        norm=lm.norm,
+        head=head,
+        rotary=lm.rotary_emb,
+        text_config=vlm.config.text_config,
+        visual_token_ids=visual_ids(vlm.config),
+    )
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One supported architecture family.

@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-from torch import nn
-
-from .base import Adapter, ModelParts
+from .base import Adapter, language_model_parts
 
 
-def find_llava_parts(model: nn.Module) -> ModelParts:
-    vlm: Any = model  # HF models: attributes are dynamic
-    inner: Any = getattr(vlm, "model", None)
-    lm = getattr(inner, "language_model", None)
-    head = getattr(vlm, "lm_head", None)
-    if lm is None or head is None:
-        raise ValueError(
-            f"{type(model).__name__} has no `model.language_model` and `lm_head`: wrap the whole "
-            f"*ForConditionalGeneration model (the object `from_pretrained` returns), not a part of it"
-        )
-    return ModelParts(
-        base=inner,
-        layers=lm.layers,
-        norm=lm.norm,
-        head=head,
-        rotary=lm.rotary_emb,
-        text_config=vlm.config.text_config,
-        visual_token_ids=(int(vlm.config.image_token_id),),
-    )
+def _image_ids(config: Any) -> tuple[int, ...]:
+    return (int(config.image_token_id),)
 
+
+find_llava_parts = partial(language_model_parts, visual_ids=_image_ids)
 
 LLAVA = Adapter(
     name="LLaVA-1.5 (LlavaForConditionalGeneration)",

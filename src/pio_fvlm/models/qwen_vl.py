@@ -8,34 +8,17 @@ the 3-D position ids, and renumbering M-RoPE positions has no single sensible me
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-from torch import nn
-
-from .base import Adapter, ModelParts
+from .base import Adapter, language_model_parts
 
 
-def find_qwen_vl_parts(model: nn.Module) -> ModelParts:
-    vlm: Any = model  # HF models: attributes are dynamic
-    inner: Any = getattr(vlm, "model", None)
-    lm = getattr(inner, "language_model", None)
-    head = getattr(vlm, "lm_head", None)
-    if lm is None or head is None:
-        raise ValueError(
-            f"{type(model).__name__} has no `model.language_model` and `lm_head`: wrap the whole "
-            f"Qwen2(.5)-VL *ForConditionalGeneration model, not a part of it"
-        )
-    cfg = vlm.config
-    return ModelParts(
-        base=inner,
-        layers=lm.layers,
-        norm=lm.norm,
-        head=head,
-        rotary=lm.rotary_emb,
-        text_config=cfg.text_config,
-        visual_token_ids=(int(cfg.image_token_id), int(cfg.video_token_id)),
-    )
+def _image_and_video_ids(config: Any) -> tuple[int, ...]:
+    return (int(config.image_token_id), int(config.video_token_id))
 
+
+find_qwen_vl_parts = partial(language_model_parts, visual_ids=_image_and_video_ids)
 
 QWEN2_VL = Adapter(
     name="Qwen2-VL (Qwen2VLForConditionalGeneration)",

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..tensor_ops import gather_tokens
-from .saliency import PROBING, _clone_tree, _saliency_from, proxy_loss
+from .saliency import _saliency_from, proxy_loss, run_layer_on
 from .selector import SelectionRequest
 
 
@@ -45,14 +45,7 @@ class NaiveSelector:
         mods, inp = request.probe_modules, request.probe_inputs
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
-            kwargs = _clone_tree(inp.layer_kwargs)
-            kwargs.update(cache=None, use_cache=False)
-            token = PROBING.set(True)
-            try:
-                out = mods.layer(x, **kwargs)
-            finally:
-                PROBING.reset(token)
-            y = out[0] if isinstance(out, tuple) else out
+            y = run_layer_on(mods.layer, x, inp.layer_kwargs)
             logits = mods.head(mods.norm(y))  # the whole sequence, as the authors
             return proxy_loss(gather_tokens(logits, inp.query_positions.clone()))
 

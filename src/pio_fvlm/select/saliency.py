@@ -122,19 +122,25 @@ def _saliency_from(loss_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torc
     return grad.float().norm(dim=-1).detach()
 
 
+def run_layer_on(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
+    """The real decoder layer on ``x`` with the model's own kwargs, without touching the KV
+    cache and with our hooks standing aside. Returns its (B, S, D) output."""
+    kwargs = _clone_tree(layer_kwargs)  # clones: inference tensors become usable by autograd
+    kwargs.update(cache=None, use_cache=False)
+    kwargs.pop("past_key_values", None)
+    token = PROBING.set(True)
+    try:
+        out = layer(x, **kwargs)
+    finally:
+        PROBING.reset(token)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def full_layer_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
     """Exact saliency by calling the real decoder layer on the whole sequence. Returns (B, S)."""
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        kwargs = _clone_tree(inp.layer_kwargs)
-        kwargs.update(cache=None, use_cache=False)
-        kwargs.pop("past_key_values", None)
-        token = PROBING.set(True)
-        try:
-            out = mods.layer(x, **kwargs)
-        finally:
-            PROBING.reset(token)
-        y = out[0] if isinstance(out, tuple) else out
+        y = run_layer_on(mods.layer, x, inp.layer_kwargs)
         y_q = gather_tokens(y, inp.query_positions.clone())
         return proxy_loss(mods.head(mods.norm(y_q)))
 
