@@ -5,6 +5,7 @@ import io
 import logging
 import threading
 
+import pytest
 import torch
 
 import pio_fvlm
@@ -118,3 +119,14 @@ def test_inputs_embeds_warns_once(caplog):
             with torch.no_grad():
                 model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
     assert sum("inputs_embeds" in r.message for r in caplog.records) == 1
+
+
+def test_image_token_count_mismatch_is_a_clear_error():
+    model = tiny_vlm("llava", seed=17)
+    inputs = standard_batch(model)
+    ids = inputs["input_ids"].clone()
+    ids[0, (ids[0] == 3).nonzero()[0]] = 50  # one image token fewer than the image has features
+    pio_fvlm.wrap(model, budget=3)
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        with torch.no_grad():
+            model(**dict(inputs, input_ids=ids))
