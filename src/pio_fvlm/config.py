@@ -6,7 +6,7 @@ Validation happens once, at ``wrap`` time, and every error says what to pass ins
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Budget = int | float
@@ -112,9 +112,6 @@ class PruneConfig:
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}; got {self.positions!r}")
         return self
-
-    def as_dict(self) -> dict[str, object]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def validate_budget(budget: object) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -86,8 +85,3 @@ class TimedSelector:
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return out
-
-    @contextmanager
-    def measure(self) -> Iterator[TimedSelector]:
-        self.seconds, self.calls = 0.0, 0
-        yield self
