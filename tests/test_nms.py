@@ -66,3 +66,30 @@ def test_budget_equals_candidates_and_single():
     saliency = torch.rand(2, 9, generator=g)
     candidates = torch.tensor([[True] * 9, [False] * 8 + [True]])
     _check(saliency, features, candidates, [9, 1], 0.8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("threshold", [0.95, 0.6, 0.2])
+@pytest.mark.parametrize("first_prefix", [1, 8, 40])
+def test_prefix_walk_equals_full_walk(seed, threshold, first_prefix):
+    """The budget is settled inside a prefix (or the prefix grows): same selection as the full walk,
+    including rows where suppression is heavy enough to need the whole order and the fill."""
+    from pio_fvlm.select.nms import greedy_nms_keep, prefix_nms_keep, saliency_order
+
+    g = torch.Generator().manual_seed(seed)
+    b, n, d = 3, 120, 6
+    centers = torch.randn(b, 4, d, generator=g)
+    features = centers[:, torch.randint(0, 4, (n,), generator=g)] + 0.4 * torch.randn(b, n, d, generator=g)
+    saliency = torch.rand(b, n, generator=g)
+    candidates = torch.rand(b, n, generator=g) < 0.9
+    budgets = torch.tensor([3, 10, 25])
+    order = saliency_order(saliency, candidates)
+    cand_sorted = candidates.gather(1, order)
+    feats_sorted = features.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
+    full = greedy_nms_keep(feats_sorted, cand_sorted, threshold)
+    got = prefix_nms_keep(features, order, cand_sorted, budgets, threshold, first_prefix=first_prefix)
+    for row in range(b):
+        k = int(budgets[row])
+        want = full[row].nonzero().flatten()[:k]
+        assert got[row].nonzero().flatten()[:k].tolist() == want.tolist()
+    _check(saliency, features, candidates, budgets.tolist(), threshold)
