@@ -24,7 +24,7 @@ def test_kept_grids_and_drawing():
     assert picture[4, 4].mean() > 150  # inside a kept patch (0, 0): bright
     assert picture[20, 20].mean() < 80  # a dropped patch: darkened
     assert side_by_side([draw_kept(image, g, size=32) for g in grids]).size == (72, 32)
-    with pytest.raises(ValueError, match="not a visual token"):
+    with pytest.raises(ValueError, match="not an image token"):
         kept_grids(torch.tensor([0]), ids, 3, tokens_per_image=16)
     with pytest.raises(ValueError, match="square number"):
         kept_grids(kept, ids, 3, tokens_per_image=15)

@@ -1,27 +1,131 @@
-"""Kept visual tokens drawn over the input image (LLaVA-1.5-style square patch grids).
+"""Kept visual tokens drawn over the input images, like the paper's figures.
 
-    kept = pio_fvlm.last_selection(model)[0]
-    picture = pio_fvlm.viz.draw_kept(image, kept_grids(kept, inputs["input_ids"][0], 32000)[0])
-    picture.save("kept.png")
+    model(**inputs)                                   # or model.generate(**inputs)
+    pio_fvlm.viz.draw_selection(model, inputs, [image]).save("kept.png")
 
-Patches that were dropped are darkened; kept ones keep their colours and get an outline. The
-picture shows the square view the vision tower sees (shortest side resized, centre crop), the
-way CLIP processors prepare LLaVA-1.5 inputs. LLaVA-NeXT crops and Qwen's merged patches are
-not drawn yet.
+Every visual token is mapped to the image region it was computed from, per family:
+
+- LLaVA-1.5: a square patch grid over the processor's view (shortest side resized, centre crop);
+- LLaVA-NeXT: the base view (the whole image squashed to one tile, its own grid) and the
+  high-resolution grid (tiles with the padding removed; the per-row newline tokens have no region);
+- Qwen2-VL / Qwen2.5-VL: 2 x 2 merged patches of the dynamically resized image.
+
+Dropped regions are darkened, kept ones keep their colours and get an outline. One picture per
+image and view, side by side. Video tokens are not drawn.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 
+@dataclass(frozen=True)
+class TokenView:
+    """The visual tokens of one image in one view, in sequence order.
+
+    ``boxes``: (n, 4) float (x0, y0, x1, y1) in the original image's pixels; NaN rows for tokens
+    without a region (LLaVA-NeXT newlines, a CLS token)."""
+
+    image_index: int
+    name: str
+    boxes: np.ndarray
+
+
+def _grid_boxes(rows: int, cols: int, x0: float, y0: float, width: float, height: float) -> np.ndarray:
+    """(rows * cols, 4) boxes of a rows x cols grid over the rectangle, row-major."""
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    cw, ch = width / cols, height / rows
+    return np.stack([x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch], -1).reshape(-1, 4)
+
+
+def _no_region(n: int) -> np.ndarray:
+    return np.full((n, 4), np.nan)
+
+
+def _llava_views(config: Any, sizes: list[tuple[int, int]]) -> list[TokenView]:
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    views = []
+    for i, (width, height) in enumerate(sizes):
+        short = min(width, height)  # resize shortest side, centre crop: the crop in original pixels
+        boxes = _grid_boxes(side, side, (width - short) / 2, (height - short) / 2, short, short)
+        if getattr(config, "vision_feature_select_strategy", "default") == "full":
+            boxes = np.concatenate([_no_region(1), boxes])
+        views.append(TokenView(i, "", boxes))
+    return views
+
+
+def _llava_next_views(config: Any, sizes: list[tuple[int, int]]) -> list[TokenView]:
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    tile = config.vision_config.image_size
+    side = tile // config.vision_config.patch_size
+    views = []
+    for i, (width, height) in enumerate(sizes):
+        views.append(TokenView(i, "base", _grid_boxes(side, side, 0, 0, width, height)))
+        tiles_h, tiles_w = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, tile)
+        rows, cols = unpad_image(torch.empty(1, tiles_h * side, tiles_w * side), (height, width)).shape[1:]
+        grid = _grid_boxes(rows, cols, 0, 0, width, height).reshape(rows, cols, 4)
+        with_newlines = np.concatenate([grid, _no_region(rows).reshape(rows, 1, 4)], axis=1).reshape(-1, 4)
+        views.append(TokenView(i, "high-res", with_newlines))
+    return views
+
+
+def _qwen_views(config: Any, sizes: list[tuple[int, int]], grids: torch.Tensor) -> list[TokenView]:
+    merge = config.vision_config.spatial_merge_size
+    views = []
+    for i, ((width, height), (t, h, w)) in enumerate(zip(sizes, grids.tolist())):
+        boxes = _grid_boxes(h // merge, w // merge, 0, 0, width, height)
+        views.append(TokenView(i, "" if t == 1 else f"{t} frames", np.tile(boxes, (t, 1))))
+    return views
+
+
+def _sizes(images: list[Any]) -> list[tuple[int, int]]:
+    return [(im.width, im.height) if hasattr(im, "width") else (im.shape[1], im.shape[0]) for im in images]
+
+
+def _images_before(input_ids: torch.Tensor, sample: int, image_token_id: int, per_image: list[int]) -> int:
+    """How many images of the batch belong to samples before ``sample`` (images are in order)."""
+    before, seen = int((input_ids[:sample] == image_token_id).sum()), 0
+    for n_images, n in enumerate(per_image):
+        if seen == before:
+            return n_images
+        seen += n
+    raise ValueError("the image grids in inputs do not match the image tokens in input_ids")
+
+
+def token_views(model: Any, inputs: dict[str, Any], images: list[Any], sample: int = 0) -> list[TokenView]:
+    """Where each image token of ``sample`` comes from (its images, in order)."""
+    config = model.config
+    kind = config.model_type
+    sizes = _sizes(images)
+    if kind == "llava":
+        views = _llava_views(config, sizes)
+    elif kind == "llava_next":
+        views = _llava_next_views(config, sizes)
+    elif kind in ("qwen2_vl", "qwen2_5_vl"):
+        grids = inputs["image_grid_thw"]
+        merge = config.vision_config.spatial_merge_size
+        per_image = [int(g.prod()) // merge**2 for g in grids]
+        first = _images_before(inputs["input_ids"], sample, config.image_token_id, per_image)
+        views = _qwen_views(config, sizes, grids[first:first + len(images)])
+    else:
+        raise ValueError(f"pio_fvlm.viz draws LLaVA, LLaVA-NeXT and Qwen2(.5)-VL tokens; not {kind!r}")
+    n_tokens = int((inputs["input_ids"][sample] == config.image_token_id).sum())
+    n_mapped = sum(len(v.boxes) for v in views)
+    if n_tokens != n_mapped:
+        raise ValueError(f"sample {sample} has {n_tokens} image tokens but its {len(images)} image(s) "
+                         f"account for {n_mapped}: pass exactly that sample's images, in order")
+    return views
+
+
 def kept_grids(kept: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
                tokens_per_image: int = 576) -> list[np.ndarray]:
-    """Per image of one sample, a (side, side) bool grid of the kept patches.
+    """Per image of one sample, a (side, side) bool grid of the kept patches (LLaVA-1.5 grids).
 
     Args:
         kept: 1-D positions in ``input_ids`` of the kept visual tokens (``last_selection`` row).
@@ -32,19 +136,79 @@ def kept_grids(kept: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
     side = math.isqrt(tokens_per_image)
     if side * side != tokens_per_image:
         raise ValueError(f"tokens_per_image must be a square number (a patch grid); got {tokens_per_image}")
-    positions = (input_ids == image_token_id).nonzero().flatten().tolist()
-    if len(positions) % tokens_per_image:
+    flat = kept_flags(kept, input_ids, image_token_id, strict=True)
+    if len(flat) % tokens_per_image:
         raise ValueError(
-            f"the sample has {len(positions)} visual tokens, not a multiple of {tokens_per_image}: "
+            f"the sample has {len(flat)} visual tokens, not a multiple of {tokens_per_image}: "
             f"pass the tokens_per_image of this model"
         )
+    return [g.reshape(side, side) for g in np.split(flat, len(flat) // tokens_per_image)]
+
+
+def kept_flags(kept: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, strict: bool = False) -> np.ndarray:
+    """(n_image_tokens,) bool: which image tokens of the sample (in order) are at a kept position.
+    ``strict``: every kept position must be an image token (else kept video tokens are skipped)."""
+    positions = (input_ids == image_token_id).nonzero().flatten().tolist()
     index = {p: i for i, p in enumerate(positions)}
     flat = np.zeros(len(positions), dtype=bool)
     for p in kept.tolist():
-        if p not in index:
-            raise ValueError(f"position {p} is not a visual token of this sample")
-        flat[index[p]] = True
-    return [g.reshape(side, side) for g in np.split(flat, len(positions) // tokens_per_image)]
+        if p in index:
+            flat[index[p]] = True
+        elif strict or not 0 <= p < len(input_ids):
+            raise ValueError(f"position {p} is not an image token of this sample")
+    return flat
+
+
+def draw_boxes(image: Any, boxes: np.ndarray, kept: np.ndarray, dim: float = 0.25) -> Any:
+    """``image`` with every region darkened except the kept boxes, which get an outline.
+
+    Args:
+        image: PIL image or (H, W, 3) uint8 array.
+        boxes: (n, 4) regions in the image's pixels (NaN rows are skipped).
+        kept: (n,) bool.
+    """
+    from PIL import Image, ImageDraw
+
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    view = np.asarray(img.convert("RGB")).astype(np.float32)
+    lit = np.zeros(view.shape[:2], dtype=bool)
+    drawable = ~np.isnan(boxes).any(1)
+    for x0, y0, x1, y1 in boxes[drawable & kept]:
+        lit[int(round(y0)):int(round(y1)), int(round(x0)):int(round(x1))] = True
+    view[~lit] *= dim
+    out = Image.fromarray(view.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for x0, y0, x1, y1 in boxes[drawable & kept]:
+        draw.rectangle([round(x0), round(y0), max(round(x0), round(x1) - 1), max(round(y0), round(y1) - 1)],
+                       outline=(255, 255, 0))
+    return out
+
+
+def draw_kept(image: Any, grid: np.ndarray, size: int = 336, dim: float = 0.25) -> Any:
+    """The square view (``size`` px, as LLaVA-1.5's processor sees it) with a (side, side) grid
+    of kept patches drawn."""
+    view = square_view(image, size)
+    side = grid.shape[0]
+    return draw_boxes(view, _grid_boxes(side, side, 0, 0, size, size), grid.reshape(-1), dim)
+
+
+def draw_selection(model: Any, inputs: dict[str, Any], images: list[Any], sample: int = 0,
+                   stage: int = -1) -> Any:
+    """The last call's kept tokens of ``sample`` over its ``images`` (one picture per image and
+    view, side by side). ``inputs`` are the processor outputs that were passed to the model."""
+    from .api import last_selection
+
+    selection = last_selection(model, stage=stage)
+    if selection is None:
+        raise ValueError("no selection recorded: wrap the model and run it on `inputs` first")
+    views = token_views(model, inputs, images, sample)
+    flags = kept_flags(selection[sample].cpu(), inputs["input_ids"][sample].cpu(), model.config.image_token_id)
+    pictures, start = [], 0
+    for view in views:
+        n = len(view.boxes)
+        pictures.append(draw_boxes(images[view.image_index], view.boxes, flags[start:start + n]))
+        start += n
+    return side_by_side(pictures)
 
 
 def square_view(image: Any, size: int = 336) -> Any:
@@ -58,32 +222,6 @@ def square_view(image: Any, size: int = 336) -> Any:
     img = img.resize(new_size, Image.Resampling.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2
     return img.crop((left, top, left + size, top + size))
-
-
-def draw_kept(image: Any, grid: np.ndarray, size: int = 336, dim: float = 0.25) -> Any:
-    """The image's square view with dropped patches darkened and kept ones outlined.
-
-    Args:
-        image: PIL image or (H, W, 3) uint8 array.
-        grid: (side, side) bool, True where the patch's token was kept.
-        dim: brightness left to dropped patches.
-    Returns:
-        A PIL image of ``size x size``.
-    """
-    from PIL import Image, ImageDraw
-
-    view = np.asarray(square_view(image, size)).astype(np.float32)
-    side = grid.shape[0]
-    cell = size / side
-    cells = (np.arange(size) // cell).astype(int).clip(max=side - 1)  # pixel -> patch row/column
-    mask = grid[cells][:, cells]
-    view[~mask] *= dim
-    out = Image.fromarray(view.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    for r, c in zip(*np.nonzero(grid)):
-        x0, y0 = c * cell, r * cell
-        draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline=(255, 255, 0))
-    return out
 
 
 def side_by_side(pictures: list[Any], gap: int = 8) -> Any:

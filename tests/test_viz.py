@@ -1,0 +1,86 @@
+"""Kept-token pictures for every family: each image token maps to its region, counts match the
+model's own token layout, kept regions are lit and dropped ones dark."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pio_fvlm
+from pio_fvlm.testing import FAMILIES, NEXT_IMAGE_SIZES, QWEN_IMAGE_GRIDS, Prompt, make_batch, tiny_vlm
+from pio_fvlm.viz import draw_boxes, draw_selection, kept_flags, token_views
+
+
+def _images_for(model, prompt: Prompt) -> list[Image.Image]:
+    """Grey images of the sizes make_batch assumed for this prompt."""
+    kind = model.config.model_type
+    if kind == "llava":
+        side = model.config.vision_config.image_size
+        size = (side + 10, side)  # not square: the centre crop is what gets drawn
+    elif kind == "llava_next":
+        h, w = NEXT_IMAGE_SIZES[prompt.size]
+        size = (w, h)
+    else:
+        _, h, w = QWEN_IMAGE_GRIDS[prompt.size]
+        size = (w * 14, h * 14)
+    return [Image.new("RGB", size, (200, 200, 200)) for _ in range(prompt.images)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_selection_picture_for_every_family(family):
+    model = tiny_vlm(family)
+    prompts = [Prompt([11, 12], [13, 14, 15, 16, 17]), Prompt([11], [13, 14, 15, 16, 17, 18], images=2, size=1)]
+    batch = make_batch(model, prompts)
+    pio_fvlm.wrap(model, budget=3)
+    with torch.no_grad():
+        model(**batch)
+    images = _images_for(model, prompts[1])
+    views = token_views(model, batch, images, sample=1)
+    n_image_tokens = int((batch["input_ids"][1] == model.config.image_token_id).sum())
+    assert sum(len(v.boxes) for v in views) == n_image_tokens
+    boxes = np.concatenate([v.boxes for v in views])
+    drawable = boxes[~np.isnan(boxes).any(1)]
+    for view in views:  # every region lies inside its image
+        image = images[view.image_index]
+        ok = view.boxes[~np.isnan(view.boxes).any(1)]
+        assert (ok[:, :2] >= -1e-6).all() and (ok[:, 2] <= image.width + 1e-6).all()
+        assert (ok[:, 3] <= image.height + 1e-6).all()
+    assert len(drawable) > 0
+    kept = pio_fvlm.last_selection(model)[1]
+    flags = kept_flags(kept, batch["input_ids"][1], model.config.image_token_id)
+    assert flags.sum() == 3
+    picture = draw_selection(model, batch, images, sample=1)
+    assert picture.height == max(im.height for im in images)
+    with pytest.raises(ValueError, match="account for"):
+        token_views(model, batch, images[:1], sample=1)
+
+
+def test_llava_next_views_have_newlines_where_the_model_puts_them():
+    model = tiny_vlm("llava_next")
+    prompts = [Prompt([11], [13, 14], size=1)]  # 30 x 60: base + a wide high-res grid
+    batch = make_batch(model, prompts)
+    views = token_views(model, batch, _images_for(model, prompts[0]))
+    base, high = views
+    assert base.name == "base" and len(base.boxes) == 4 and not np.isnan(base.boxes).any()
+    no_region = np.isnan(high.boxes).any(1)
+    rows = int(no_region.sum())  # one newline per row of the unpadded grid
+    cols = len(high.boxes) // rows - 1
+    assert no_region.tolist() == ([False] * cols + [True]) * rows
+    # the unpadded grid keeps the image's aspect ratio (30 x 60 -> twice as wide as high)
+    assert cols == 2 * rows
+
+
+def test_a_kept_box_is_lit_and_the_rest_dark():
+    image = np.full((20, 30, 3), 200, dtype=np.uint8)
+    boxes = np.array([[0, 0, 10, 10], [10, 0, 20, 10], [np.nan] * 4])
+    out = np.asarray(draw_boxes(image, boxes, np.array([False, True, True])))
+    assert out[5, 15].mean() > 150 and out[5, 5].mean() < 80 and out[15, 25].mean() < 80
+
+
+def test_qwen_tokens_follow_the_merged_grid_row_major():
+    model = tiny_vlm("qwen2_vl")
+    prompts = [Prompt([11], [13, 14], size=1)]  # grid (1, 4, 6) -> 2 x 3 merged tokens
+    batch = make_batch(model, prompts)
+    (view,) = token_views(model, batch, _images_for(model, prompts[0]))
+    assert view.boxes.tolist() == [[0, 0, 28, 28], [28, 0, 56, 28], [56, 0, 84, 28],
+                                   [0, 28, 28, 56], [28, 28, 56, 56], [56, 28, 84, 56]]
