@@ -3,6 +3,7 @@
     pio-fvlm demo                      # offline: the shipped tiny VLM, answers with and without pruning
     pio-fvlm run --model ID_OR_PATH --image photo.jpg --prompt "What is shown?" --budget 64
     pio-fvlm bench [options]           # speed benchmark (see pio-fvlm bench --help)
+    pio-fvlm lmms-task --out DIR       # an offline lmms-eval task (--include_path DIR --tasks pio_shapes)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ COMMANDS = {
     "demo": "offline demo on the shipped tiny VLM: answers with all tokens and pruned, timings, picture",
     "run": "one image + prompt through a real checkpoint, pruned and unpruned",
     "bench": "speed benchmark: full vs pio vs ideal vs the authors' style",
+    "lmms-task": "write the offline lmms-eval task pio_shapes (for --include_path)",
 }
 
 
@@ -170,12 +172,28 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def lmms_task(argv: list[str]) -> int:
+    """Write the offline lmms-eval task pio_shapes (questions on the shipped tiny VLM's task)."""
+    from . import shapes_vlm as sv
+    from .integrations.shapes_task import write_shapes_task
+
+    p = argparse.ArgumentParser(prog="pio-fvlm lmms-task", description=lmms_task.__doc__)
+    p.add_argument("--out", required=True, help="folder to write the task into")
+    p.add_argument("--items", type=int, default=200)
+    args = p.parse_args(argv)
+    folder = write_shapes_task(args.out, items=args.items)
+    print(f"wrote the pio_shapes task ({args.items} questions) to {folder}; run it with\n"
+          f"  lmms-eval --model pio_fvlm --model_args pretrained={sv.ASSET_DIR},budget=64 "
+          f"--include_path {folder} --tasks pio_shapes --batch_size 8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: pio-fvlm <command> [options]\n\ncommands:")
         for name, what in COMMANDS.items():
-            print(f"  {name:<8} {what}")
+            print(f"  {name:<10} {what}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     if command == "bench":
@@ -183,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
         bench_main(rest)
         return 0
-    return demo(rest) if command == "demo" else run(rest)
+    return {"demo": demo, "run": run, "lmms-task": lmms_task}[command](rest)
 
 
 if __name__ == "__main__":
