@@ -5,7 +5,8 @@
 
 Accuracy and retention (= accuracy / accuracy with all 576 tokens) per budget for: PIO-FVLM
 (default, and the variants worth knowing: prune layer 2, proxy positions including the last,
-NMS off, tau 0.6), and baselines through the same selector interface: random, uniform, pooling,
+NMS off, tau 0.6), the encoder-involved mode (VisionZip-style alone and followed by PIO),
+and baselines through the same selector interface: random, uniform, pooling,
 FastV (the last token's attention at layer 2, computed from the layer's projections, so any
 backend works) and DART-style. Blank-image accuracy gives the answer prior. Writes JSON to
 benchmarks/results/quality.json. The split is held out (its own seed) and nothing is tuned on it.
@@ -36,7 +37,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pooling": {"selector": PoolingSelector(sv.N_VISUAL)},
     "fastv (layer 2)": {"selector": FastVSelector(), "layer": 2},
     "dart": {"selector": DartSelector()},
+    # encoder-involved mode: VisionZip-style reduction before the LM (alone: to the budget; with
+    # PIO: to twice the budget, then PIO-FVLM at layer 1 to the budget)
+    "visionzip (encoder only)": {"encoder": "visionzip", "encoder_budget": 1},
+    "visionzip + pio": {"encoder": "visionzip", "encoder_budget": 2},
 }
+
+
+def settings(name: str, budget: int) -> dict[str, Any]:
+    """The wrap() keywords of a variant at a budget (encoder budgets scale with it)."""
+    kw = dict(VARIANTS[name])
+    if "encoder_budget" in kw:
+        kw["encoder_budget"] = min(sv.N_VISUAL, kw["encoder_budget"] * budget)
+    return kw
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -45,9 +58,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64, 32, 16])
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
     p.add_argument("--out", default="benchmarks/results/quality.json")
+    p.add_argument("--model", default=str(sv.ASSET_DIR), help="a tiny-shapes checkpoint folder")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
-    model = LlavaForConditionalGeneration.from_pretrained(sv.ASSET_DIR).eval()
+    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     split = sv.eval_set(args.items)
     full = sv.evaluate(model, split)
     blank = sv.evaluate(model, split, blank=True)["all"]
@@ -58,12 +72,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.variants:
         rows[name] = {}
         for budget in args.budgets:
-            pio_fvlm.wrap(model, budget=budget, **VARIANTS[name])
+            pio_fvlm.wrap(model, budget=budget, **settings(name, budget))
             rows[name][budget] = sv.evaluate(model, split)["all"]
             pio_fvlm.unwrap(model)
         print(f"{name:<22}" + "".join(f"{rows[name][b] / full['all']:>9.1%}" for b in args.budgets), flush=True)
     result = {"items": args.items, "full": full, "blank": blank, "accuracy": rows,
-              "training_state": json.loads((sv.ASSET_DIR / "training_state.json").read_text())["step"]}
+              "training_state": json.loads((Path(args.model) / "training_state.json").read_text())["step"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

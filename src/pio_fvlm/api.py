@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import Budget, PruneConfig
-from .encoder import install_visionzip
+from .encoder import install_encoder
 from .models import adapter_for
 from .runtime import Runtime
 from .runtime.masks import check_attention_backend
@@ -51,8 +51,9 @@ def wrap(
     is an error. Wrapping an already wrapped model replaces its settings (no stacking).
     ``schedule=[(layer, kept), ...]`` prunes in several stages (instead of ``budget``/``layer``);
     ``preset="paper-64"`` (or ``"paper-128"``, ``"paper-192"``) uses the authors' LLaVA-1.5 schedules.
-    ``encoder="visionzip", encoder_budget=128`` first reduces each image to 128 tokens before the
-    language model (encoder-involved mode, LLaVA-1.5; see :mod:`pio_fvlm.encoder`).
+    ``encoder="visionzip", encoder_budget=128`` first reduces the visual tokens before the language
+    model (encoder-involved mode; LLaVA-1.5: 128 per image, VisionZip-style; Qwen2-VL / Qwen2.5-VL:
+    128 per sample, window-local + global on the tower's attention; see :mod:`pio_fvlm.encoder`).
     ``selector=`` swaps the token choice (for baselines and tests); PIO-FVLM by default.
     """
     keywords = {
@@ -101,10 +102,10 @@ def wrap(
     extra_hooks = []
     if config.encoder is not None:
         assert config.encoder_budget is not None
-        encoder_selector, vision_attention, per_sample = install_visionzip(model, config.encoder_budget)
+        encoder_selector, encoder_hooks, per_sample = install_encoder(model, config.encoder_budget)
         stages.insert(0, (0, per_sample))
         selectors.insert(0, encoder_selector)
-        extra_hooks.append((vision_attention, encoder_selector.capture.hook))
+        extra_hooks.extend(encoder_hooks)
     if is_wrapped(model):
         unwrap(model)
     runtime = Runtime(parts, config, stages, selectors)

@@ -34,10 +34,11 @@ class PruneConfig:
         schedule: multi-stage pruning instead of ``budget``/``layer``: ``((layer, kept), ...)``
             with strictly increasing layers and non-increasing counts; each stage selects among
             the survivors of the previous one with its own probe at its layer.
-        encoder: ``"visionzip"`` reduces each image to ``encoder_budget`` tokens before the
-            language model (encoder-involved mode; LLaVA-1.5), then the saliency stages prune
-            on from there.
-        encoder_budget: tokens per image kept by the encoder-side reduction.
+        encoder: ``"visionzip"`` reduces the visual tokens to ``encoder_budget`` before the
+            language model (encoder-involved mode: VisionZip-style on LLaVA-1.5, window-local +
+            global on Qwen2-VL / Qwen2.5-VL), then the saliency stages prune on from there.
+        encoder_budget: tokens kept by the encoder-side reduction: per image on LLaVA-1.5 (fixed
+            576-token images), per sample on Qwen (images of different sizes share it).
     """
 
     budget: Budget = 64
@@ -106,8 +107,8 @@ class PruneConfig:
             b = self.encoder_budget
             if isinstance(b, bool) or not isinstance(b, int) or b < 1:
                 raise ValueError(
-                    f"encoder={self.encoder!r} needs encoder_budget, an int >= 1 of tokens kept per image "
-                    f"before the language model (e.g. encoder_budget=128); got {b!r}"
+                    f"encoder={self.encoder!r} needs encoder_budget, an int >= 1 of tokens kept (per image on "
+                    f"LLaVA-1.5, per sample on Qwen) before the language model (e.g. encoder_budget=128); got {b!r}"
                 )
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}; got {self.positions!r}")

@@ -27,16 +27,22 @@ def word_ids() -> dict[str, int]:
     return {w: i for i, w in enumerate(syn.VOCAB)}
 
 
-def build_model(seed: int = 0) -> Any:
+def build_model(seed: int = 0, vision_width: int = 128, vision_layers: int = 2, text_width: int = 128,
+                text_layers: int = 4) -> Any:
+    """A fresh random tiny LLaVA. The defaults are the shipped recipe: a 2-layer CLIP tower of
+    width 128 (a second layer lets patches share shape evidence; with one layer of width 64 the
+    model never learnt shape) and a 4-layer Llama of width 128; about 1.4 M parameters."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     ids = word_ids()
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=syn.SIZE, patch_size=14, projection_dim=64)
-    text = LlamaConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=4, vocab_size=len(syn.VOCAB), pad_token_id=ids["<pad>"],
-                       bos_token_id=None, eos_token_id=ids[";"], max_position_embeddings=1024)
+    vision = CLIPVisionConfig(hidden_size=vision_width, intermediate_size=4 * vision_width,
+                              num_hidden_layers=vision_layers, num_attention_heads=4, image_size=syn.SIZE,
+                              patch_size=14, projection_dim=64)
+    text = LlamaConfig(hidden_size=text_width, intermediate_size=3 * text_width, num_hidden_layers=text_layers,
+                       num_attention_heads=4, num_key_value_heads=4, vocab_size=len(syn.VOCAB),
+                       pad_token_id=ids["<pad>"], bos_token_id=None, eos_token_id=ids[";"],
+                       max_position_embeddings=1024)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids[IMAGE_TOKEN],
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
     config._attn_implementation = "sdpa"
@@ -72,12 +78,16 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
     """Teacher-forced sequences: image tokens, then ``pairs`` question/answer pairs.
 
     ``labels`` are -100 except at answer tokens, so the loss trains answering only.
+    ``patch_labels`` (B, 3, 576): colour / shape / column class of each patch (0 = background),
+    for the training script's auxiliary loss (pop it before calling the model).
     """
     ids = word_ids()
-    rows, label_rows, images = [], [], []
+    rows, label_rows, images, dense = [], [], [], []
     for _ in range(batch):
         objects = syn.random_scene(rng, rng.randint(1, max_objects))
-        images.append(syn.render(objects, rng))
+        image, owner = syn.render_with_owner(objects, rng)
+        images.append(image)
+        dense.append(syn.patch_labels(objects, owner))
         qas: list[syn.QA] = []
         while len(qas) < pairs:
             qas += syn.questions(objects, rng)
@@ -101,7 +111,8 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
         input_ids[i, : len(r)] = torch.tensor(r)
         labels_t[i, : len(r)] = torch.tensor(lab)
         mask[i, : len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels_t, "pixel_values": pixels(images)}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels_t, "pixel_values": pixels(images),
+            "patch_labels": torch.from_numpy(np.stack(dense))}
 
 
 EvalItem = tuple[np.ndarray, list[syn.Obj], syn.QA]

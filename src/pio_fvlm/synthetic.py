@@ -61,10 +61,17 @@ def random_scene(rng: random.Random, n_objects: int) -> list[Obj]:
 
 def render(objects: list[Obj], rng: random.Random, blank: bool = False) -> np.ndarray:
     """(SIZE, SIZE, 3) uint8: grey noise, then each object (random size and offset in its cell)."""
+    return render_with_owner(objects, rng, blank)[0]
+
+
+def render_with_owner(objects: list[Obj], rng: random.Random, blank: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`render` plus (SIZE, SIZE) int: the index of the object painted at each pixel, -1
+    for background (the same random draws as :func:`render`, so the images are identical)."""
     nrng = np.random.default_rng(rng.randrange(2**32))
     img = np.clip(nrng.normal(128, 18, (SIZE, SIZE, 3)), 0, 255)
+    owner = np.full((SIZE, SIZE), -1, dtype=np.int64)
     if blank:
-        return img.astype(np.uint8)
+        return img.astype(np.uint8), owner
     cell = SIZE // GRID
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     for o in objects:
@@ -79,7 +86,25 @@ def render(objects: list[Obj], rng: random.Random, blank: bool = False) -> np.nd
         else:  # triangle pointing up
             mask = (dy <= half) & (dy >= -half) & (np.abs(dx) <= (dy + half) / 2)
         img[mask] = COLORS[o.color]
-    return img.astype(np.uint8)
+        owner[mask] = objects.index(o)
+    return img.astype(np.uint8), owner
+
+
+def patch_labels(objects: list[Obj], owner: np.ndarray, patch: int = 14) -> np.ndarray:
+    """(3, n_patches) int, row-major patches: colour, shape and column of the object that covers
+    at least a third of the patch (1-based class indices; 0 = background). Dense targets for an
+    auxiliary loss that teaches a tiny vision tower what the questions ask about."""
+    side = owner.shape[0] // patch
+    blocks = owner[: side * patch, : side * patch].reshape(side, patch, side, patch).transpose(0, 2, 1, 3)
+    cells = blocks.reshape(side * side, patch * patch)
+    labels = np.zeros((3, side * side), dtype=np.int64)
+    colors, shapes = list(COLORS), list(SHAPES)
+    for k, o in enumerate(objects):
+        covered = (cells == k).mean(1) >= 1 / 3
+        labels[0, covered] = colors.index(o.color) + 1
+        labels[1, covered] = shapes.index(o.shape) + 1
+        labels[2, covered] = o.col + 1
+    return labels
 
 
 def questions(objects: list[Obj], rng: random.Random) -> list[QA]:

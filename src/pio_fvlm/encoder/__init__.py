@@ -6,9 +6,42 @@ from typing import Any
 
 from torch import nn
 
+from .qwen_windows import PerSampleBudget, QwenAttentionCapture, QwenWindowSelector, refuse_videos
 from .visionzip import ClsAttentionCapture, VisionZipSelector, kept_per_image
 
 ENCODERS = ("visionzip",)
+Hooks = list[tuple[nn.Module, Any]]  # (module, forward pre-hook with kwargs)
+
+
+def install_encoder(model: nn.Module, encoder_budget: int) -> tuple[Any, Hooks, Any]:
+    """The layer-0 selector, the pre-hooks it needs on the vision side, and the per-sample
+    budget function (visual tokens kept from layer 0 on), for LLaVA-1.5 (VisionZip-style) or
+    Qwen2-VL / Qwen2.5-VL (window-local + global). Other models get a clear error."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        return install_qwen_windows(model, encoder_budget)
+    if kind != "llava":
+        raise ValueError(
+            f"encoder='visionzip' is available for LLaVA-1.5, Qwen2-VL and Qwen2.5-VL; {type(model).__name__} "
+            f"(model_type {kind!r}) has no encoder of that kind here. Use encoder=None."
+        )
+    selector, attn, budget = install_visionzip(model, encoder_budget)
+    return selector, [(attn, selector.capture.hook)], budget
+
+
+def install_qwen_windows(model: nn.Module, encoder_budget: int) -> tuple[QwenWindowSelector, Hooks, PerSampleBudget]:
+    """Qwen2(.5)-VL: capture in the tower's last full-attention block (see :mod:`.qwen_windows`)."""
+    vlm: Any = model
+    vc = vlm.config.vision_config
+    tower = vlm.model.visual
+    full = list(getattr(vc, "fullatt_block_indexes", None) or [])
+    block = tower.blocks[max(full) if full else len(tower.blocks) - 1]
+    window_size = getattr(vc, "window_size", None) if full else None
+    window_merged = window_size // vc.spatial_merge_size // vc.patch_size if window_size else None
+    capture = QwenAttentionCapture(vc.spatial_merge_size, window_merged)
+    selector = QwenWindowSelector(capture, encoder_budget, vlm.config.image_token_id)
+    hooks: Hooks = [(vlm.model, refuse_videos), (tower, capture.tower_hook), (block.attn, capture.attention_hook)]
+    return selector, hooks, PerSampleBudget(encoder_budget)
 
 
 def install_visionzip(model: nn.Module, encoder_budget: int) -> tuple[VisionZipSelector, nn.Module, Any]:
@@ -19,11 +52,6 @@ def install_visionzip(model: nn.Module, encoder_budget: int) -> tuple[VisionZipS
     """
     vlm: Any = model
     cfg = vlm.config
-    if getattr(cfg, "model_type", None) != "llava":
-        raise ValueError(
-            f"encoder='visionzip' is available for LLaVA-1.5 (model_type 'llava') only; "
-            f"{type(model).__name__} has no encoder of that kind here. Use encoder=None."
-        )
     layer_index = cfg.vision_feature_layer
     if not isinstance(layer_index, int):
         raise ValueError("encoder='visionzip' needs features from a single vision layer (vision_feature_layer int)")
@@ -57,4 +85,4 @@ class PerImageBudget:
         return (n_visual // self.per_image) * self.kept
 
 
-__all__ = ["ENCODERS", "ClsAttentionCapture", "VisionZipSelector", "install_visionzip"]
+__all__ = ["ENCODERS", "ClsAttentionCapture", "QwenWindowSelector", "VisionZipSelector", "install_encoder"]

@@ -90,6 +90,48 @@ def kept_per_image(encoder_budget: int, tokens_per_image: int) -> int:
     return min(encoder_budget, tokens_per_image)
 
 
+def dominant_and_contextual(
+    score: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, dominant: torch.Tensor, n_ctx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image: keep the ``dominant`` tokens, merge the rest into ``n_ctx`` contextual tokens.
+
+    The rest are grouped around ``n_ctx`` evenly spaced targets (in image order) by key cosine
+    similarity; each target's row becomes the mean of its group.
+
+    Args:
+        score: (P,) importance (only for shapes here); key: (P, d) keys for similarity;
+        rows: (P, D) the image's token rows (hidden states at the LM input);
+        dominant: (n_dom,) indices into the P tokens.
+    Returns:
+        keep: (P,) bool, ``n_dom + n_ctx`` True; rows: (P, D) with targets replaced by means.
+    """
+    device, n = rows.device, score.shape[0]
+    keep = torch.zeros(n, dtype=torch.bool, device=device)
+    keep[dominant] = True
+    rows = rows.clone()
+    if n_ctx == 0:
+        return keep, rows
+    rest_idx = (~keep).nonzero().flatten()  # in image (= sequence) order
+    targets = rest_idx[(torch.arange(n_ctx, device=device) * rest_idx.numel()) // n_ctx]
+    unit = F.normalize(key.float(), dim=-1)
+    group = (unit[rest_idx] @ unit[targets].T).argmax(-1)  # each rest token -> a target
+    group[torch.searchsorted(rest_idx, targets)] = torch.arange(n_ctx, device=device)
+    sums = torch.zeros(n_ctx, rows.shape[-1], dtype=torch.float32, device=device)
+    sums.index_add_(0, group, rows[rest_idx].float())
+    counts = torch.bincount(group, minlength=n_ctx).clamp(min=1).unsqueeze(1)
+    rows[targets] = (sums / counts).to(rows.dtype)
+    keep[targets] = True
+    return keep, rows
+
+
+def split_dominant(total: int, available: int) -> tuple[int, int]:
+    """(dominant, contextual) counts for ``total`` kept of ``available`` tokens (VisionZip's 54:10)."""
+    if total >= available:
+        return available, 0
+    n_dom = max(1, min(total, round(total * DOMINANT_SHARE)))
+    return n_dom, total - n_dom
+
+
 class VisionZipSelector:
     """The layer-0 stage of encoder mode: dominant + contextual tokens per image."""
 
@@ -108,9 +150,7 @@ class VisionZipSelector:
         keep = torch.zeros_like(cand)
         merged = hidden.clone()
         per = self.tokens_per_image
-        total = kept_per_image(self.encoder_budget, per)
-        n_dom = max(1, min(total, round(total * DOMINANT_SHARE))) if total < per else per
-        n_ctx = total - n_dom
+        n_dom, n_ctx = split_dominant(kept_per_image(self.encoder_budget, per), per)
         image = 0
         for b in range(cand.shape[0]):
             positions = cand[b].nonzero().flatten()
@@ -120,20 +160,8 @@ class VisionZipSelector:
                     raise RuntimeError("encoder mode: more images in input_ids than the vision tower saw")
                 score, key = scores[image].to(hidden.device), keys[image].to(hidden.device)
                 image += 1
-                dominant = score.topk(n_dom).indices
-                keep[b, pos[dominant]] = True
-                if n_ctx == 0:
-                    continue
-                rest = torch.ones(per, dtype=torch.bool, device=hidden.device)
-                rest[dominant] = False
-                rest_idx = rest.nonzero().flatten()  # in image (= sequence) order
-                targets = rest_idx[(torch.arange(n_ctx, device=hidden.device) * rest_idx.numel()) // n_ctx]
-                unit = F.normalize(key, dim=-1)
-                group = (unit[rest_idx] @ unit[targets].T).argmax(-1)  # each rest token -> a target
-                group[torch.searchsorted(rest_idx, targets)] = torch.arange(n_ctx, device=hidden.device)
-                sums = torch.zeros(n_ctx, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-                sums.index_add_(0, group, hidden[b, pos[rest_idx]].float())
-                counts = torch.bincount(group, minlength=n_ctx).clamp(min=1).unsqueeze(1)
-                merged[b, pos[targets]] = (sums / counts).to(hidden.dtype)
-                keep[b, pos[targets]] = True
+                local_keep, rows = dominant_and_contextual(score, key, hidden[b, pos], score.topk(n_dom).indices,
+                                                           n_ctx)
+                keep[b, pos] = local_keep
+                merged[b, pos] = rows
         return keep, merged
