@@ -29,6 +29,10 @@ def test_presets():
     assert average_budget(preset("paper-192"), 32, 576) == pytest.approx(192, abs=1)
     with pytest.raises(ValueError, match="unknown preset"):
         preset("paper-7")
+    # fractions: 11.1 % of the visual tokens per layer on average, whatever their count
+    for n in (576, 2880):
+        counts = [(layer, round(f * n)) for layer, f in preset("paper-11%")]
+        assert average_budget(counts, 32, n) / n == pytest.approx(64 / 576, abs=0.002)
 
 
 @pytest.mark.parametrize(

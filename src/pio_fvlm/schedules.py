@@ -21,6 +21,10 @@ _PAPER_SHAPE = (218 / 128, 1.0, 54 / 128)  # relative counts of their "128" sche
 PRESETS: dict[str, Schedule] = {
     "paper-128": ((1, 218), (10, 128), (15, 54)),
     "paper-64": ((1, 92), (10, 54), (15, 22)),
+    # The same 3-stage shape as fractions of each sample's visual tokens: 11.1 % per-layer average
+    # for any count (LLaVA-NeXT's up to 2,880 tokens, Qwen's dynamic resolution). The authors'
+    # exact LLaVA-NeXT schedule is not public; this is paper-64 scaled, not a copy of it.
+    "paper-11%": ((1, 92 / 576), (10, 54 / 576), (15, 22 / 576)),
 }
 
 
