@@ -99,17 +99,20 @@ def wrap(
     check_attention_backend(parts.text_config)
     stages: list[tuple[int, Any]] = list(config.stages())
     selectors: list[Selector] = [selector or PioSelector()] * len(stages)
-    extra_hooks = []
+    extra_hooks: list[tuple[nn.Module, Any]] = []
+    method_patches: list[tuple[nn.Module, str, Any]] = []
     if config.encoder is not None:
         assert config.encoder_budget is not None
-        encoder_selector, encoder_hooks, per_sample = install_encoder(model, config.encoder_budget)
-        stages.insert(0, (0, per_sample))
-        selectors.insert(0, encoder_selector)
-        extra_hooks.extend(encoder_hooks)
+        installed = install_encoder(model, config.encoder_budget)
+        stages.insert(0, (0, installed.budget))
+        selectors.insert(0, installed.selector)
+        extra_hooks.extend(installed.hooks)
+        method_patches.extend(installed.method_patches)
     if is_wrapped(model):
         unwrap(model)
     runtime = Runtime(parts, config, stages, selectors)
     runtime._extra_hooks = extra_hooks
+    runtime._method_patches = method_patches
     runtime.install()
     object.__setattr__(model, _RUNTIME_ATTR, runtime)
     return model

@@ -2,34 +2,49 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from .qwen_windows import PerSampleBudget, QwenAttentionCapture, QwenWindowSelector, refuse_videos
+from .next_tiles import ImageSizesCapture, NextTilesSelector, RecordImageSizes
+from .qwen_windows import PerSampleBudget, QwenAttentionCapture, QwenWindowSelector, RefuseVideos
 from .visionzip import ClsAttentionCapture, VisionZipSelector, kept_per_image
 
 ENCODERS = ("visionzip",)
 Hooks = list[tuple[nn.Module, Any]]  # (module, forward pre-hook with kwargs)
 
 
-def install_encoder(model: nn.Module, encoder_budget: int) -> tuple[Any, Hooks, Any]:
-    """The layer-0 selector, the pre-hooks it needs on the vision side, and the per-sample
-    budget function (visual tokens kept from layer 0 on), for LLaVA-1.5 (VisionZip-style) or
-    Qwen2-VL / Qwen2.5-VL (window-local + global). Other models get a clear error."""
+@dataclass
+class EncoderInstall:
+    """What an encoder mode adds to a wrap: the layer-0 selector, its per-sample budget
+    function (visual tokens kept from layer 0 on), forward pre-hooks on the vision side, and
+    instance-level method stand-ins (module, method name, callable)."""
+
+    selector: Any
+    budget: Any
+    hooks: Hooks
+    method_patches: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
+
+
+def install_encoder(model: nn.Module, encoder_budget: int) -> EncoderInstall:
+    """Encoder mode for LLaVA-1.5 / LLaVA-NeXT (VisionZip-style on [CLS] attention) or Qwen2-VL /
+    Qwen2.5-VL (window-local + global on the tower's attention). Other models get a clear error."""
     kind = getattr(getattr(model, "config", None), "model_type", None)
     if kind in ("qwen2_vl", "qwen2_5_vl"):
         return install_qwen_windows(model, encoder_budget)
+    if kind == "llava_next":
+        return install_next_tiles(model, encoder_budget)
     if kind != "llava":
         raise ValueError(
-            f"encoder='visionzip' is available for LLaVA-1.5, Qwen2-VL and Qwen2.5-VL; {type(model).__name__} "
-            f"(model_type {kind!r}) has no encoder of that kind here. Use encoder=None."
+            f"encoder='visionzip' is available for LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL; "
+            f"{type(model).__name__} (model_type {kind!r}) has no encoder of that kind here. Use encoder=None."
         )
     selector, attn, budget = install_visionzip(model, encoder_budget)
-    return selector, [(attn, selector.capture.hook)], budget
+    return EncoderInstall(selector, budget, [(attn, selector.capture.hook)])
 
 
-def install_qwen_windows(model: nn.Module, encoder_budget: int) -> tuple[QwenWindowSelector, Hooks, PerSampleBudget]:
+def install_qwen_windows(model: nn.Module, encoder_budget: int) -> EncoderInstall:
     """Qwen2(.5)-VL: capture in the tower's last full-attention block (see :mod:`.qwen_windows`)."""
     vlm: Any = model
     vc = vlm.config.vision_config
@@ -40,17 +55,31 @@ def install_qwen_windows(model: nn.Module, encoder_budget: int) -> tuple[QwenWin
     window_merged = window_size // vc.spatial_merge_size // vc.patch_size if window_size else None
     capture = QwenAttentionCapture(vc.spatial_merge_size, window_merged)
     selector = QwenWindowSelector(capture, encoder_budget, vlm.config.image_token_id)
-    hooks: Hooks = [(vlm.model, refuse_videos), (tower, capture.tower_hook), (block.attn, capture.attention_hook)]
-    return selector, hooks, PerSampleBudget(encoder_budget)
+    hooks: Hooks = [(vlm.model, RefuseVideos(vlm.config.video_token_id)), (tower, capture.tower_hook),
+                    (block.attn, capture.attention_hook)]
+    return EncoderInstall(selector, PerSampleBudget(encoder_budget), hooks)
 
 
-def install_visionzip(model: nn.Module, encoder_budget: int) -> tuple[VisionZipSelector, nn.Module, Any]:
-    """For a LLaVA-1.5 model: the layer-0 selector, the vision attention module to hook, and
-    the per-sample budget function (visual tokens kept from layer 0 on).
-
-    Raises ValueError for models without a CLIP-style tower whose features come from one layer.
-    """
+def install_next_tiles(model: nn.Module, encoder_budget: int) -> EncoderInstall:
+    """LLaVA-NeXT: [CLS] attention per tile in the feature layer (see :mod:`.next_tiles`)."""
     vlm: Any = model
+    cfg = vlm.config
+    attn, drop_cls = feature_layer_attention(vlm)
+    if not drop_cls:
+        raise ValueError("encoder='visionzip' on LLaVA-NeXT needs vision_feature_select_strategy='default'")
+    vc = cfg.vision_config
+    capture, sizes = ClsAttentionCapture(drop_cls), ImageSizesCapture()
+    selector = NextTilesSelector(capture, sizes, encoder_budget, cfg.image_grid_pinpoints, vc.image_size,
+                                 vc.image_size // vc.patch_size)
+    # generate() computes image features through base_model.get_image_features (a method, not a
+    # module call) and then drops image_sizes: an instance-level stand-in notes them.
+    patch = (vlm.model, "get_image_features", RecordImageSizes(vlm.model, sizes))
+    return EncoderInstall(selector, PerSampleBudget(encoder_budget), [(attn, capture.hook)], [patch])
+
+
+def feature_layer_attention(vlm: Any) -> tuple[nn.Module, bool]:
+    """The self-attention of the CLIP layer whose output feeds the projector, and whether the
+    features drop [CLS]."""
     cfg = vlm.config
     layer_index = cfg.vision_feature_layer
     if not isinstance(layer_index, int):
@@ -62,8 +91,18 @@ def install_visionzip(model: nn.Module, encoder_budget: int) -> tuple[VisionZipS
     k = layer_index % (len(layers) + 1)
     if k == 0:
         raise ValueError("encoder='visionzip' needs features from a transformer layer, not the embeddings")
-    attn = layers[k - 1].self_attn
-    drop_cls = cfg.vision_feature_select_strategy == "default"
+    return layers[k - 1].self_attn, cfg.vision_feature_select_strategy == "default"
+
+
+def install_visionzip(model: nn.Module, encoder_budget: int) -> tuple[VisionZipSelector, nn.Module, Any]:
+    """For a LLaVA-1.5 model: the layer-0 selector, the vision attention module to hook, and
+    the per-sample budget function (visual tokens kept from layer 0 on).
+
+    Raises ValueError for models without a CLIP-style tower whose features come from one layer.
+    """
+    vlm: Any = model
+    cfg = vlm.config
+    attn, drop_cls = feature_layer_attention(vlm)
     vc = cfg.vision_config
     per_image = (vc.image_size // vc.patch_size) ** 2 + (0 if drop_cls else 1)
     selector = VisionZipSelector(ClsAttentionCapture(drop_cls), encoder_budget, per_image)

@@ -68,11 +68,18 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def refuse_videos(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Pre-hook on the model: encoder mode reduces images only."""
-    if kwargs.get("pixel_values_videos") is not None:
-        raise ValueError("pio_fvlm: encoder mode on Qwen2-VL / Qwen2.5-VL reduces images only; this call has "
-                         "videos. Wrap without encoder= for video inputs.")
+class RefuseVideos:
+    """Pre-hook on the base model: encoder mode reduces images only (video tokens in a prefill's
+    ``input_ids`` are refused; generate passes precomputed features, so pixels cannot tell)."""
+
+    def __init__(self, video_token_id: int) -> None:
+        self.video_token_id = video_token_id
+
+    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] > 1 and bool((ids == self.video_token_id).any()):
+            raise ValueError("pio_fvlm: encoder mode on Qwen2-VL / Qwen2.5-VL reduces images only; this call has "
+                             "videos. Wrap without encoder= for video inputs.")
 
 
 class QwenAttentionCapture:
@@ -86,8 +93,9 @@ class QwenAttentionCapture:
     def _fresh(self) -> None:
         self._grids: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
             f"pio_fvlm_qwen_grid_{id(self)}", default=None)
-        self._captured: contextvars.ContextVar[tuple[list[ImageScores], bool]] = contextvars.ContextVar(
-            f"pio_fvlm_qwen_scores_{id(self)}", default=([], True))
+        # the latest tower call's images (each call replaces it; see ClsAttentionCapture.hook)
+        self._captured: contextvars.ContextVar[list[ImageScores] | None] = contextvars.ContextVar(
+            f"pio_fvlm_qwen_scores_{id(self)}", default=None)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"merge": self.merge, "window_merged": self.window_merged}
@@ -132,15 +140,13 @@ class QwenAttentionCapture:
             key = torch.empty_like(key_w).index_copy_(0, order, key_w)
             out.append(ImageScores(score, key, window.to(h.device)))
             start += n_patches
-        captured, closed = self._captured.get()
-        self._captured.set((([] if closed else captured) + out, False))
+        self._captured.set(out)
 
     def close_call(self) -> None:
-        captured, _ = self._captured.get()
-        self._captured.set((captured, True))
+        """A forward call ended; the capture stays readable (see ClsAttentionCapture.close_call)."""
 
     def take(self) -> list[ImageScores]:
-        captured, _ = self._captured.get()
+        captured = self._captured.get()
         if not captured:
             raise RuntimeError(
                 "pio_fvlm encoder mode: no vision-tower attention was captured for this call; pass "

@@ -42,9 +42,9 @@ class ClsAttentionCapture:
         self._fresh()
 
     def _fresh(self) -> None:
-        # (captures of the current call, whether a call has ended since): a thread's own state
-        self._captured: contextvars.ContextVar[tuple[list[tuple[torch.Tensor, torch.Tensor]], bool]] = (
-            contextvars.ContextVar(f"pio_fvlm_cls_{id(self)}", default=([], True))
+        # the latest vision-tower call's capture, per thread / context
+        self._captured: contextvars.ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = contextvars.ContextVar(
+            f"pio_fvlm_cls_{id(self)}", default=None
         )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -55,7 +55,11 @@ class ClsAttentionCapture:
         self._fresh()
 
     def hook(self, attn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Forward pre-hook on the vision layer's self-attention (input: normalised states)."""
+        """Forward pre-hook on the vision layer's self-attention (input: normalised states).
+
+        Each tower call replaces the previous capture: the tower sees all images of a call at
+        once, and generate computes image features in a call of their own before the prefill
+        (a stray tower run, e.g. to count tokens, must not leak into the next prefill)."""
         h = args[0] if args else kwargs["hidden_states"]  # (images, 1 + patches, width)
         n, s, _ = h.shape
         q = attn.q_proj(h[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
@@ -64,26 +68,21 @@ class ClsAttentionCapture:
         keys = k.mean(1).float()  # (n, s, hd)
         if self.drop_cls:
             cls_attention, keys = cls_attention[:, 1:], keys[:, 1:]
-        captured, closed = self._captured.get()
-        self._captured.set((([] if closed else captured) + [(cls_attention, keys)], False))
+        self._captured.set((cls_attention, keys))
 
     def close_call(self) -> None:
-        """A forward call ended: the next vision call starts a new capture. The last one stays
-        readable, because generate without a cache re-runs the language model on the same image
-        features without re-running the vision tower."""
-        captured, _ = self._captured.get()
-        self._captured.set((captured, True))
+        """A forward call ended. The capture stays readable: generate without a cache re-runs
+        the language model on the same image features without re-running the vision tower."""
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images captured for the current call (or the last one), in order: scores (n, P),
-        keys (n, P, hd)."""
-        captured, _ = self._captured.get()
-        if not captured:
+        """The latest tower call's images, in order: scores (n, P), keys (n, P, hd)."""
+        captured = self._captured.get()
+        if captured is None:
             raise RuntimeError(
                 "pio_fvlm encoder mode: no vision-tower attention was captured for this call; pass "
                 "pixel_values with the images (precomputed image features cannot be reduced)"
             )
-        return torch.cat([c[0] for c in captured]), torch.cat([c[1] for c in captured])
+        return captured
 
 
 def kept_per_image(encoder_budget: int, tokens_per_image: int) -> int:
@@ -91,7 +90,8 @@ def kept_per_image(encoder_budget: int, tokens_per_image: int) -> int:
 
 
 def dominant_and_contextual(
-    score: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, dominant: torch.Tensor, n_ctx: int
+    score: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, dominant: torch.Tensor, n_ctx: int,
+    mergeable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image: keep the ``dominant`` tokens, merge the rest into ``n_ctx`` contextual tokens.
 
@@ -102,6 +102,8 @@ def dominant_and_contextual(
         score: (P,) importance (only for shapes here); key: (P, d) keys for similarity;
         rows: (P, D) the image's token rows (hidden states at the LM input);
         dominant: (n_dom,) indices into the P tokens.
+        mergeable: (P,) bool, tokens that may join contextual groups (default: all); the others
+            are dropped unless dominant (LLaVA-NeXT's row-end newline tokens).
     Returns:
         keep: (P,) bool, ``n_dom + n_ctx`` True; rows: (P, D) with targets replaced by means.
     """
@@ -111,7 +113,8 @@ def dominant_and_contextual(
     rows = rows.clone()
     if n_ctx == 0:
         return keep, rows
-    rest_idx = (~keep).nonzero().flatten()  # in image (= sequence) order
+    rest = ~keep if mergeable is None else ~keep & mergeable
+    rest_idx = rest.nonzero().flatten()  # in image (= sequence) order
     targets = rest_idx[(torch.arange(n_ctx, device=device) * rest_idx.numel()) // n_ctx]
     unit = F.normalize(key.float(), dim=-1)
     group = (unit[rest_idx] @ unit[targets].T).argmax(-1)  # each rest token -> a target

@@ -86,6 +86,8 @@ class Runtime:
         ]
         self._hooks: list[tuple[torch.nn.Module, int]] = []  # (module, hook id): see remove()
         self._extra_hooks: list[tuple[torch.nn.Module, Any]] = []  # pre-hooks of other parts (encoder)
+        # instance-level stand-ins for methods that are not module calls (encoder: see next_tiles)
+        self._method_patches: list[tuple[torch.nn.Module, str, Any]] = []
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -100,7 +102,8 @@ class Runtime:
         self._last: list[tuple[torch.Tensor | None, torch.Tensor]] | None = None
         self._warned: set[str] = set()
 
-    _PORTABLE = ("parts", "config", "stages", "selectors", "stage_of", "fast_probe", "_hooks", "_extra_hooks")
+    _PORTABLE = ("parts", "config", "stages", "selectors", "stage_of", "fast_probe", "_hooks", "_extra_hooks",
+                 "_method_patches")
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: self.__dict__[k] for k in self._PORTABLE}
@@ -130,6 +133,8 @@ class Runtime:
         handles.append((layers[-1], layers[-1].register_forward_hook(self._last_layer_end, with_kwargs=True)))
         for module, hook in self._extra_hooks:
             handles.append((module, module.register_forward_pre_hook(hook, with_kwargs=True)))
+        for module, name, stand_in in self._method_patches:
+            module.__dict__[name] = stand_in  # shadows the class's method for this instance only
         # Keep (module, id) rather than torch's handles: those hold weak references to the
         # original modules' dicts, which a deepcopy or pickle of the model would not follow.
         self._hooks = [(module, handle.id) for module, handle in handles]
@@ -147,6 +152,9 @@ class Runtime:
             for name in self._HOOK_DICTS:
                 getattr(module, name).pop(hook_id, None)
         self._hooks.clear()
+        for module, name, stand_in in self._method_patches:
+            if module.__dict__.get(name) is stand_in:
+                del module.__dict__[name]
 
     # ------------------------------------------------------------------ public read-outs
     def last_selection(self, stage: int = -1) -> list[torch.Tensor] | None:
