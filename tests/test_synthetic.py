@@ -27,3 +27,30 @@ def test_owner_map_and_patch_labels_line_up_with_the_image():
         assert (labels[0] > 0).sum() == (labels[2] > 0).sum()
         blank, none = syn.render_with_owner(objects, random.Random(1), blank=True)
         assert (none == -1).all() and not syn.patch_labels(objects, none).any()
+
+
+def test_packed_training_pairs_see_only_the_image_and_themselves():
+    """Each question/answer pair in a training sequence gets the logits it would get asked
+    alone right after the image (no copying of earlier answers)."""
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+
+    model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
+    batch = sv.training_batch(random.Random(0), 2, 3, pairs=5)
+    batch.pop("patch_labels")
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch).logits
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    for row in range(2):
+        starts = [j for j in range(sv.N_VISUAL + 1, ids.shape[1]) if pos[row, j] == sv.N_VISUAL]
+        n_valid = int((ids[row] != sv.word_ids()["<pad>"]).sum())
+        bounds = [sv.N_VISUAL, *starts, n_valid]
+        assert len(bounds) == 6  # image end + 5 pairs
+        for a, b in zip(bounds, bounds[1:]):
+            alone = torch.cat([ids[row, : sv.N_VISUAL], ids[row, a:b]]).unsqueeze(0)
+            with torch.no_grad():
+                ref = model(input_ids=alone, pixel_values=batch["pixel_values"][row : row + 1]).logits
+            torch.testing.assert_close(packed[row, a:b], ref[0, sv.N_VISUAL:], rtol=1e-4, atol=1e-5)
+            assert (labels[row, a:b] != -100).sum() == 1  # one answer per pair

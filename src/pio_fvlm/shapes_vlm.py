@@ -75,14 +75,21 @@ def pixels(images: list[np.ndarray]) -> torch.Tensor:
 
 
 def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int = 8) -> dict[str, torch.Tensor]:
-    """Teacher-forced sequences: image tokens, then ``pairs`` question/answer pairs.
+    """Teacher-forced sequences: image tokens, then ``pairs`` question/answer pairs, each pair
+    seeing only the image and itself.
 
-    ``labels`` are -100 except at answer tokens, so the loss trains answering only.
-    ``patch_labels`` (B, 3, 576): colour / shape / column class of each patch (0 = background),
-    for the training script's auxiliary loss (pop it before calling the model).
+    Pairs share the image prefix (cheap: the 576 image tokens dominate the cost) but a 4-D
+    attention mask hides the other pairs, and each pair's positions continue from the image as
+    if it were alone: otherwise a repeated or related question is answered by copying an earlier
+    answer instead of looking (the model then scores well in training and poorly alone).
+
+    Returns ``input_ids`` (B, L), ``attention_mask`` (B, 1, L, L) bool, ``position_ids`` (B, L),
+    ``labels`` (B, L) (-100 except at answer tokens), ``pixel_values`` and ``patch_labels``
+    (B, 3, 576): colour / shape / column class of each patch (0 = background), for the
+    training script's auxiliary loss (pop it before calling the model).
     """
     ids = word_ids()
-    rows, label_rows, images, dense = [], [], [], []
+    rows, label_rows, segment_rows, images, dense = [], [], [], [], []
     for _ in range(batch):
         objects = syn.random_scene(rng, rng.randint(1, max_objects))
         image, owner = syn.render_with_owner(objects, rng)
@@ -94,25 +101,40 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
         rng.shuffle(qas)
         row = [ids[IMAGE_TOKEN]] * N_VISUAL
         labels = [-100] * N_VISUAL
-        for qa in qas[:pairs]:
+        segments = [0] * N_VISUAL  # 0: the image, k: the k-th pair
+        for k, qa in enumerate(qas[:pairs], start=1):
             words = syn.qa_text(qa, with_answer=True).split()
-            for w in words:
-                row.append(ids[w])
+            row += [ids[w] for w in words]
             labels += [-100] * len(words)
+            segments += [k] * len(words)
             # predict the answer at the position of "answer" (labels are shifted by the model)
             labels[len(row) - 2] = ids[qa.answer]
         rows.append(row)
         label_rows.append(labels)
+        segment_rows.append(segments)
     length = max(len(r) for r in rows)
     input_ids = torch.full((batch, length), ids["<pad>"], dtype=torch.long)
     labels_t = torch.full((batch, length), -100, dtype=torch.long)
-    mask = torch.zeros(batch, length, dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+    segment = torch.full((batch, length), -1, dtype=torch.long)  # -1: padding
+    for i, (r, lab, seg) in enumerate(zip(rows, label_rows, segment_rows)):
         input_ids[i, : len(r)] = torch.tensor(r)
         labels_t[i, : len(r)] = torch.tensor(lab)
-        mask[i, : len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels_t, "pixel_values": pixels(images),
-            "patch_labels": torch.from_numpy(np.stack(dense))}
+        segment[i, : len(r)] = torch.tensor(seg)
+    q, k = segment.unsqueeze(2), segment.unsqueeze(1)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    visible = causal & (k >= 0) & ((k == 0) | (k == q))
+    visible |= torch.eye(length, dtype=torch.bool)  # padding rows see themselves (no empty softmax)
+    # positions: the image 0..575, every pair from 576 on, as when asked alone
+    first = torch.zeros_like(segment)
+    for i, seg in enumerate(segment_rows):
+        start = N_VISUAL
+        for j in range(N_VISUAL, len(seg)):
+            if seg[j] != seg[j - 1]:
+                start = j
+            first[i, j] = start
+    position_ids = torch.arange(length).expand(batch, length) - first + torch.where(segment > 0, N_VISUAL, 0)
+    return {"input_ids": input_ids, "attention_mask": visible.unsqueeze(1), "position_ids": position_ids,
+            "labels": labels_t, "pixel_values": pixels(images), "patch_labels": torch.from_numpy(np.stack(dense))}
 
 
 EvalItem = tuple[np.ndarray, list[syn.Obj], syn.QA]
