@@ -27,7 +27,6 @@ import torch
 
 from pio_fvlm import shapes_vlm as sv
 
-
 VALIDATION_SEED = 777_001
 
 
