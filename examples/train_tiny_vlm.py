@@ -122,9 +122,9 @@ def main() -> None:
         if step % 25 == 0:
             rate = (time.time() - t0) / 25
             t0 = time.time()
-            print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {sum(aux_losses[-25:]) / len(aux_losses[-25:]):.3f} "
-                  f"objects<={curriculum(step, args.steps)} {rate:.2f} s/step",
-                  flush=True)
+            aux_mean = sum(aux_losses[-25:]) / len(aux_losses[-25:])
+            print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} "
+                  f"objects<={curriculum(step, args.steps)} {rate:.2f} s/step", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             acc = sv.evaluate(model, split)
