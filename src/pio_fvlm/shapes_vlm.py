@@ -29,9 +29,9 @@ def word_ids() -> dict[str, int]:
 
 def build_model(seed: int = 0, vision_width: int = 128, vision_layers: int = 2, text_width: int = 128,
                 text_layers: int = 4) -> Any:
-    """A fresh random tiny LLaVA. The defaults are the shipped recipe: a 2-layer CLIP tower of
-    width 128 (a second layer lets patches share shape evidence; with one layer of width 64 the
-    model never learnt shape) and a 4-layer Llama of width 128; about 1.4 M parameters."""
+    """A fresh random tiny LLaVA. The defaults are the shipped checkpoint's: a 2-layer CLIP tower
+    of width 128 (the earlier 1-layer width-64 tower barely learnt shape) and a 4-layer Llama of
+    width 128; about 1.4 M parameters."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
