@@ -87,3 +87,30 @@ def layer_lengths(model):
     finally:
         for h in handles:
             h.remove()
+
+
+GREEDY = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
+
+
+def assert_batch_equals_alone(model, prompts, batch, gen=GREEDY) -> None:
+    """The wrapped model's batched generate equals each sample generated alone."""
+    from pio_fvlm.testing import split_batch
+
+    out = model.generate(**batch, **gen)
+    length = batch["input_ids"].shape[1]
+    for i in range(len(prompts)):
+        alone = split_batch(model, prompts, batch, i)
+        solo = model.generate(**alone, **gen)
+        assert out[i, length:].tolist() == solo[0, alone["input_ids"].shape[1]:].tolist(), f"sample {i}"
+
+
+def assert_cached_equals_uncached_and_batch_equals_alone(model, prompts, **wrap_kwargs) -> None:
+    """With a fixed kept set, cached generate == uncached recompute; with PIO, batch == alone."""
+    import pio_fvlm
+
+    batch = make_batch(model, prompts)
+    pio_fvlm.wrap(model, **wrap_kwargs, selector=FixedSelector())
+    cached = model.generate(**batch, **GREEDY)
+    assert torch.equal(cached, model.generate(**batch, use_cache=False, **GREEDY))
+    pio_fvlm.wrap(model, **wrap_kwargs)
+    assert_batch_equals_alone(model, prompts, batch)

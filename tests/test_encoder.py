@@ -4,11 +4,10 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import FixedSelector, layer_lengths, n_visual
+from conftest import assert_cached_equals_uncached_and_batch_equals_alone, layer_lengths, n_visual
 from pio_fvlm.encoder.visionzip import DOMINANT_SHARE
-from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
+from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
 
-GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
 PROMPTS = [Prompt(before=[5, 6], after=[9, 10, 11, 12]), Prompt(before=[5], after=[9, 10], images=2)]
 
 
@@ -52,17 +51,8 @@ def test_dominant_tokens_follow_cls_attention(model):
 
 
 def test_cached_equals_uncached_and_batch_equals_alone(model):
-    batch = make_batch(model, PROMPTS)
-    pio_fvlm.wrap(model, budget=4, layer=2, encoder="visionzip", encoder_budget=8, selector=FixedSelector())
-    cached = model.generate(**batch, **GEN)
-    assert torch.equal(cached, model.generate(**batch, use_cache=False, **GEN))
-    pio_fvlm.wrap(model, budget=4, layer=2, encoder="visionzip", encoder_budget=8)
-    out = model.generate(**batch, **GEN)
-    length = batch["input_ids"].shape[1]
-    for i in range(len(PROMPTS)):
-        alone = split_batch(model, PROMPTS, batch, i)
-        solo = model.generate(**alone, **GEN)
-        assert out[i, length:].tolist() == solo[0, alone["input_ids"].shape[1]:].tolist()
+    assert_cached_equals_uncached_and_batch_equals_alone(model, PROMPTS, budget=4, layer=2,
+                                                         encoder="visionzip", encoder_budget=8)
 
 
 def test_encoder_mode_errors(model):

@@ -5,12 +5,11 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import FixedSelector, layer_lengths, n_visual
+from conftest import assert_cached_equals_uncached_and_batch_equals_alone, layer_lengths, n_visual
 from pio_fvlm.encoder.qwen_windows import merged_window_layout, share_budget, window_first
 from pio_fvlm.encoder.visionzip import split_dominant
-from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
+from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
 
-GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
 # grids (1,6,6) -> 9 tokens in 2 x 2-token windows (4 windows), (1,4,6) -> 6, two images -> 6 + 6
 PROMPTS = [Prompt(before=[5, 6], after=[9, 10, 11, 12], size=2), Prompt(before=[5], after=[9, 10], images=2, size=1)]
 
@@ -109,17 +108,8 @@ def test_dominant_tokens_follow_the_towers_attention(model):
 
 
 def test_cached_equals_uncached_and_batch_equals_alone(model):
-    batch = make_batch(model, PROMPTS)
-    pio_fvlm.wrap(model, budget=3, layer=2, encoder="visionzip", encoder_budget=5, selector=FixedSelector())
-    cached = model.generate(**batch, **GEN)
-    assert torch.equal(cached, model.generate(**batch, use_cache=False, **GEN))
-    pio_fvlm.wrap(model, budget=3, layer=2, encoder="visionzip", encoder_budget=5)
-    out = model.generate(**batch, **GEN)
-    length = batch["input_ids"].shape[1]
-    for i in range(len(PROMPTS)):
-        alone = split_batch(model, PROMPTS, batch, i)
-        solo = model.generate(**alone, **GEN)
-        assert out[i, length:].tolist() == solo[0, alone["input_ids"].shape[1]:].tolist()
+    assert_cached_equals_uncached_and_batch_equals_alone(model, PROMPTS, budget=3, layer=2,
+                                                         encoder="visionzip", encoder_budget=5)
 
 
 def test_videos_are_refused(model):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import FixedSelector, layer_lengths, n_visual, standard_batch, standard_prompts
+from conftest import FixedSelector, assert_batch_equals_alone, layer_lengths, n_visual, standard_batch, standard_prompts
 from pio_fvlm.schedules import average_budget, preset, schedule_for
-from pio_fvlm.testing import make_batch, split_batch, tiny_vlm
+from pio_fvlm.testing import make_batch, tiny_vlm
 
 
 def test_average_budget_matches_the_papers_labels():
@@ -114,14 +114,8 @@ def test_multi_stage_batch_equals_samples_alone(deep_model):
     model = deep_model
     prompts = standard_prompts(model)
     batch = make_batch(model, prompts, seed=2)
-    kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
     pio_fvlm.wrap(model, schedule=[(1, 6), (3, 4), (5, 2)])
-    out = model.generate(**batch, **kw)
-    length = batch["input_ids"].shape[1]
-    for i in range(len(prompts)):
-        alone = split_batch(model, prompts, batch, i)
-        solo = model.generate(**alone, **kw)
-        assert out[i, length:].tolist() == solo[0, alone["input_ids"].shape[1]:].tolist()
+    assert_batch_equals_alone(model, prompts, batch)
 
 
 def test_stage_that_keeps_everything_is_a_pass_through():
