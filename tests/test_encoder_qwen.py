@@ -6,8 +6,8 @@ import torch
 
 import pio_fvlm
 from conftest import assert_cached_equals_uncached_and_batch_equals_alone, layer_lengths, n_visual
-from pio_fvlm.encoder.qwen_windows import merged_window_layout, share_budget, window_first
-from pio_fvlm.encoder.visionzip import split_dominant
+from pio_fvlm.encoder.qwen_windows import merged_window_layout, window_first
+from pio_fvlm.encoder.visionzip import share_budget, split_dominant
 from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
 
 # grids (1,6,6) -> 9 tokens in 2 x 2-token windows (4 windows), (1,4,6) -> 6, two images -> 6 + 6

@@ -8,8 +8,8 @@ from typing import Any
 from torch import nn
 
 from .next_tiles import ImageSizesCapture, NextTilesSelector, RecordImageSizes
-from .qwen_windows import PerSampleBudget, QwenAttentionCapture, QwenWindowSelector, RefuseVideos
-from .visionzip import ClsAttentionCapture, VisionZipSelector, kept_per_image
+from .qwen_windows import QwenAttentionCapture, QwenWindowSelector, RefuseVideos
+from .visionzip import ClsAttentionCapture, PerSampleBudget, VisionZipSelector, kept_per_image
 
 ENCODERS = ("visionzip",)
 Hooks = list[tuple[nn.Module, Any]]  # (module, forward pre-hook with kwargs)
@@ -54,7 +54,7 @@ def install_qwen_windows(model: nn.Module, encoder_budget: int) -> EncoderInstal
     window_size = getattr(vc, "window_size", None) if full else None
     window_merged = window_size // vc.spatial_merge_size // vc.patch_size if window_size else None
     capture = QwenAttentionCapture(vc.spatial_merge_size, window_merged)
-    selector = QwenWindowSelector(capture, encoder_budget, vlm.config.image_token_id)
+    selector = QwenWindowSelector(capture)
     hooks: Hooks = [(vlm.model, RefuseVideos(vlm.config.video_token_id)), (tower, capture.tower_hook),
                     (block.attn, capture.attention_hook)]
     return EncoderInstall(selector, PerSampleBudget(encoder_budget), hooks)
@@ -69,7 +69,7 @@ def install_next_tiles(model: nn.Module, encoder_budget: int) -> EncoderInstall:
         raise ValueError("encoder='visionzip' on LLaVA-NeXT needs vision_feature_select_strategy='default'")
     vc = cfg.vision_config
     capture, sizes = ClsAttentionCapture(drop_cls), ImageSizesCapture()
-    selector = NextTilesSelector(capture, sizes, encoder_budget, cfg.image_grid_pinpoints, vc.image_size,
+    selector = NextTilesSelector(capture, sizes, cfg.image_grid_pinpoints, vc.image_size,
                                  vc.image_size // vc.patch_size)
     # generate() computes image features through base_model.get_image_features (a method, not a
     # module call) and then drops image_sizes: an instance-level stand-in notes them.

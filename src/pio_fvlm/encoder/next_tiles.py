@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from ..select.selector import SelectionRequest
-from .qwen_windows import share_budget
-from .visionzip import ClsAttentionCapture, dominant_and_contextual, split_dominant
+from .visionzip import ClsAttentionCapture, dominant_and_contextual, images_of_sample, share_budget, split_dominant
 
 
 def tile_patch_map(image_size: tuple[int, int], pinpoints: list[list[int]], tile: int,
@@ -95,32 +94,21 @@ class RecordImageSizes:
 class NextTilesSelector:
     """The layer-0 stage of LLaVA-NeXT's encoder mode (see the module docstring)."""
 
-    def __init__(self, capture: ClsAttentionCapture, sizes: ImageSizesCapture, encoder_budget: int,
-                 pinpoints: list[list[int]], tile: int, side: int) -> None:
+    def __init__(self, capture: ClsAttentionCapture, sizes: ImageSizesCapture, pinpoints: list[list[int]],
+                 tile: int, side: int) -> None:
         self.capture, self.sizes = capture, sizes
-        self.encoder_budget = encoder_budget
         self.pinpoints, self.tile, self.side = pinpoints, tile, side
 
-    def reset(self) -> None:
-        self.capture.close_call()
-
     def __call__(self, request: SelectionRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, keys = self.capture.take()  # (tiles of all images, 576), (tiles, 576, hd)
-        layouts = [tile_patch_map(s, self.pinpoints, self.tile, self.side) for s in self.sizes.take()]
         cand, hidden = request.candidates, request.probe_inputs.hidden
+        scores, keys = (t.to(hidden.device) for t in self.capture.take())  # (tiles, 576), (tiles, 576, hd)
+        layouts = [tile_patch_map(s, self.pinpoints, self.tile, self.side) for s in self.sizes.take()]
         keep = torch.zeros_like(cand)
         merged = hidden.clone()
-        image, first_tile = 0, 0
+        images, first_tile = iter(layouts), 0
         for b in range(cand.shape[0]):
             positions = cand[b].nonzero().flatten()
-            mine: list[tuple[torch.Tensor, torch.Tensor]] = []
-            while sum(len(t) for t, _ in mine) < positions.numel():
-                if image >= len(layouts):
-                    raise RuntimeError("encoder mode: more image tokens in input_ids than images in the call")
-                mine.append(layouts[image])
-                image += 1
-            if sum(len(t) for t, _ in mine) != positions.numel():
-                raise RuntimeError("encoder mode: the image tokens in input_ids do not line up with image_sizes")
+            mine = images_of_sample(images, positions.numel(), lambda layout: len(layout[0]))
             shares = share_budget(int(request.budgets[b]), [len(t) for t, _ in mine])
             start = 0
             for (tile_of, patch_of), share in zip(mine, shares):
@@ -132,8 +120,8 @@ class NextTilesSelector:
                 patch = tile_of >= 0
                 t_idx = (first_tile + tile_of).clamp(min=first_tile)
                 p_idx = patch_of.clamp(min=0)
-                score = scores.to(dev)[t_idx, p_idx].masked_fill(~patch, float("-inf"))
-                key = keys.to(dev)[t_idx, p_idx]
+                score = scores[t_idx, p_idx].masked_fill(~patch, float("-inf"))
+                key = keys[t_idx, p_idx]
                 first_tile += int(tile_of.max()) + 1
                 available = int(patch.sum())
                 if share >= n:
@@ -144,7 +132,7 @@ class NextTilesSelector:
                 if share > available:  # nearly everything: all patches, then newlines in order
                     extra = (~patch).nonzero().flatten()[: share - available]
                     dominant = torch.cat([dominant, extra])
-                local_keep, rows = dominant_and_contextual(score, key, hidden[b, pos], dominant, n_ctx, patch)
+                local_keep, rows = dominant_and_contextual(key, hidden[b, pos], dominant, n_ctx, patch)
                 keep[b, pos] = local_keep
                 merged[b, pos] = rows
         return keep, merged

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..select.selector import SelectionRequest
-from .visionzip import dominant_and_contextual, split_dominant
+from .visionzip import dominant_and_contextual, images_of_sample, share_budget, split_dominant
 
 QUERY_CHUNK = 1024  # queries per softmax chunk: bounds memory at (heads, chunk, patches)
 
@@ -142,9 +142,6 @@ class QwenAttentionCapture:
             start += n_patches
         self._captured.set(out)
 
-    def close_call(self) -> None:
-        """A forward call ended; the capture stays readable (see ClsAttentionCapture.close_call)."""
-
     def take(self) -> list[ImageScores]:
         captured = self._captured.get()
         if not captured:
@@ -153,19 +150,6 @@ class QwenAttentionCapture:
                 "pixel_values with the images (precomputed image features cannot be reduced)"
             )
         return captured
-
-
-def share_budget(total: int, counts: list[int]) -> list[int]:
-    """Split ``total`` kept tokens over images of ``counts`` tokens, proportionally (largest
-    remainder), never more than an image has."""
-    n = sum(counts)
-    if total >= n:
-        return list(counts)
-    exact = [total * c / n for c in counts]
-    shares = [int(e) for e in exact]
-    for i in sorted(range(len(counts)), key=lambda i: exact[i] - shares[i], reverse=True)[: total - sum(shares)]:
-        shares[i] += 1
-    return shares
 
 
 def window_first(score: torch.Tensor, window: torch.Tensor, n_dom: int) -> torch.Tensor:
@@ -183,26 +167,11 @@ def window_first(score: torch.Tensor, window: torch.Tensor, n_dom: int) -> torch
     return ranked[:n_dom]
 
 
-class PerSampleBudget:
-    """Visual tokens a sample keeps from layer 0 on: ``kept`` at most."""
-
-    def __init__(self, kept: int) -> None:
-        self.kept = kept
-
-    def __call__(self, n_visual: int) -> int:
-        return min(self.kept, n_visual)
-
-
 class QwenWindowSelector:
     """The layer-0 stage of Qwen2.5-VL's encoder mode (see the module docstring)."""
 
-    def __init__(self, capture: QwenAttentionCapture, encoder_budget: int, image_token_id: int) -> None:
+    def __init__(self, capture: QwenAttentionCapture) -> None:
         self.capture = capture
-        self.encoder_budget = encoder_budget
-        self.image_token_id = image_token_id
-
-    def reset(self) -> None:
-        self.capture.close_call()
 
     def __call__(self, request: SelectionRequest) -> tuple[torch.Tensor, torch.Tensor]:
         images = iter(self.capture.take())
@@ -211,15 +180,7 @@ class QwenWindowSelector:
         merged = hidden.clone()
         for b in range(cand.shape[0]):
             positions = cand[b].nonzero().flatten()
-            mine: list[ImageScores] = []
-            while sum(len(x.score) for x in mine) < positions.numel():
-                nxt = next(images, None)
-                if nxt is None:
-                    raise RuntimeError("encoder mode: more visual tokens in input_ids than the vision tower saw "
-                                       "(videos are not supported in encoder mode)")
-                mine.append(nxt)
-            if sum(len(x.score) for x in mine) != positions.numel():
-                raise RuntimeError("encoder mode: the image tokens in input_ids do not line up with the images")
+            mine = images_of_sample(images, positions.numel(), lambda x: len(x.score))
             shares = share_budget(int(request.budgets[b]), [len(x.score) for x in mine])
             start = 0
             for image, share in zip(mine, shares):
@@ -229,8 +190,8 @@ class QwenWindowSelector:
                 n_dom, n_ctx = split_dominant(share, n)
                 dev = hidden.device
                 score, key, window = image.score.to(dev), image.key.to(dev), image.window.to(dev)
-                local_keep, rows = dominant_and_contextual(score, key, hidden[b, pos],
-                                                           window_first(score, window, n_dom), n_ctx)
+                dominant = window_first(score, window, n_dom)
+                local_keep, rows = dominant_and_contextual(key, hidden[b, pos], dominant, n_ctx)
                 keep[b, pos] = local_keep
                 merged[b, pos] = rows
         return keep, merged

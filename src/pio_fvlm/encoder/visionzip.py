@@ -19,7 +19,8 @@ How it is done here (own implementation, differs from VisionZip on purpose):
 from __future__ import annotations
 
 import contextvars
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -70,12 +71,10 @@ class ClsAttentionCapture:
             cls_attention, keys = cls_attention[:, 1:], keys[:, 1:]
         self._captured.set((cls_attention, keys))
 
-    def close_call(self) -> None:
-        """A forward call ended. The capture stays readable: generate without a cache re-runs
-        the language model on the same image features without re-running the vision tower."""
-
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The latest tower call's images, in order: scores (n, P), keys (n, P, hd)."""
+        """The latest tower call's images, in order: scores (n, P), keys (n, P, hd). It stays
+        readable after the call: generate without a cache re-runs the language model on the same
+        image features without re-running the vision tower."""
         captured = self._captured.get()
         if captured is None:
             raise RuntimeError(
@@ -90,8 +89,7 @@ def kept_per_image(encoder_budget: int, tokens_per_image: int) -> int:
 
 
 def dominant_and_contextual(
-    score: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, dominant: torch.Tensor, n_ctx: int,
-    mergeable: torch.Tensor | None = None,
+    key: torch.Tensor, rows: torch.Tensor, dominant: torch.Tensor, n_ctx: int, mergeable: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One image: keep the ``dominant`` tokens, merge the rest into ``n_ctx`` contextual tokens.
 
@@ -99,7 +97,7 @@ def dominant_and_contextual(
     similarity; each target's row becomes the mean of its group.
 
     Args:
-        score: (P,) importance (only for shapes here); key: (P, d) keys for similarity;
+        key: (P, d) keys for similarity;
         rows: (P, D) the image's token rows (hidden states at the LM input);
         dominant: (n_dom,) indices into the P tokens.
         mergeable: (P,) bool, tokens that may join contextual groups (default: all); the others
@@ -107,7 +105,7 @@ def dominant_and_contextual(
     Returns:
         keep: (P,) bool, ``n_dom + n_ctx`` True; rows: (P, D) with targets replaced by means.
     """
-    device, n = rows.device, score.shape[0]
+    device, n = rows.device, rows.shape[0]
     keep = torch.zeros(n, dtype=torch.bool, device=device)
     keep[dominant] = True
     rows = rows.clone()
@@ -135,6 +133,46 @@ def split_dominant(total: int, available: int) -> tuple[int, int]:
     return n_dom, total - n_dom
 
 
+T = TypeVar("T")
+
+
+def images_of_sample(images: Iterator[T], n_tokens: int, length: Callable[[T], int]) -> list[T]:
+    """The next images of a batch (in order) whose tokens make up one sample's ``n_tokens``."""
+    mine: list[T] = []
+    while sum(length(x) for x in mine) < n_tokens:
+        nxt = next(images, None)
+        if nxt is None:
+            raise RuntimeError("encoder mode: more visual tokens in input_ids than the vision tower saw "
+                               "(videos are not supported in encoder mode)")
+        mine.append(nxt)
+    if sum(length(x) for x in mine) != n_tokens:
+        raise RuntimeError("encoder mode: the image tokens in input_ids do not line up with the images")
+    return mine
+
+
+def share_budget(total: int, counts: list[int]) -> list[int]:
+    """Split ``total`` kept tokens over images of ``counts`` tokens, proportionally (largest
+    remainder), never more than an image has."""
+    n = sum(counts)
+    if total >= n:
+        return list(counts)
+    exact = [total * c / n for c in counts]
+    shares = [int(e) for e in exact]
+    for i in sorted(range(len(counts)), key=lambda i: exact[i] - shares[i], reverse=True)[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+class PerSampleBudget:
+    """Visual tokens a sample keeps from layer 0 on: ``kept`` at most."""
+
+    def __init__(self, kept: int) -> None:
+        self.kept = kept
+
+    def __call__(self, n_visual: int) -> int:
+        return min(self.kept, n_visual)
+
+
 class VisionZipSelector:
     """The layer-0 stage of encoder mode: dominant + contextual tokens per image."""
 
@@ -142,10 +180,6 @@ class VisionZipSelector:
         self.capture = capture
         self.encoder_budget = encoder_budget
         self.tokens_per_image = tokens_per_image
-
-    def reset(self) -> None:
-        """Called at every call's end."""
-        self.capture.close_call()
 
     def __call__(self, request: SelectionRequest) -> tuple[torch.Tensor, torch.Tensor]:
         scores, keys = self.capture.take()
@@ -163,8 +197,7 @@ class VisionZipSelector:
                     raise RuntimeError("encoder mode: more images in input_ids than the vision tower saw")
                 score, key = scores[image].to(hidden.device), keys[image].to(hidden.device)
                 image += 1
-                local_keep, rows = dominant_and_contextual(score, key, hidden[b, pos], score.topk(n_dom).indices,
-                                                           n_ctx)
+                local_keep, rows = dominant_and_contextual(key, hidden[b, pos], score.topk(n_dom).indices, n_ctx)
                 keep[b, pos] = local_keep
                 merged[b, pos] = rows
         return keep, merged

@@ -214,10 +214,6 @@ class Runtime:
         if call is None:
             return
         self._call.reset(self._tokens.pop(id(call)))
-        for selector in self.selectors:
-            reset = getattr(selector, "reset", None)
-            if reset is not None:
-                reset()  # per-call state of a selector (e.g. captured encoder attention) ends here
         if call.record is not None and not call.pruned:
             call.record.full_len += call.q_len
         if call.pruned:
