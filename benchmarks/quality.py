@@ -7,9 +7,14 @@ Accuracy and retention (= accuracy / accuracy with all 576 tokens) per budget fo
 (default, and the variants worth knowing: prune layer 2, proxy positions including the last,
 NMS off, tau 0.6), the encoder-involved mode (VisionZip-style alone and followed by PIO),
 and baselines through the same selector interface: random, uniform, pooling,
-FastV (the last token's attention at layer 2, computed from the layer's projections, so any
-backend works) and DART-style. Blank-image accuracy gives the answer prior. Writes JSON to
-benchmarks/results/quality.json. The split is held out (its own seed) and nothing is tuned on it.
+FastV (the last token's attention at layer 2, FastV's own setting, and at layer 1, PIO's prune
+layer; computed from the layer's projections, so any backend works) and DART-style.
+Blank-image accuracy gives the answer prior; "one visual token left from layer L on" gives what
+the text has already read from the image in the layers before L (every selector at layer L
+starts from there). Beside accuracy, for each selector: the share of questions whose objects all
+keep a token, and the share of those objects' tokens kept (does it find what is asked about?).
+Writes JSON to benchmarks/results/quality.json. The split is held out (its own seed) and nothing
+is tuned on it.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration
 
 import pio_fvlm
 from pio_fvlm import shapes_vlm as sv
+from pio_fvlm import synthetic as syn
 from pio_fvlm.select.baselines import DartSelector, FastVSelector, PoolingSelector, RandomSelector, UniformSelector
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -36,6 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "uniform": {"selector": UniformSelector()},
     "pooling": {"selector": PoolingSelector(sv.N_VISUAL)},
     "fastv (layer 2)": {"selector": FastVSelector(), "layer": 2},
+    "fastv (layer 1)": {"selector": FastVSelector(), "layer": 1},
     "dart": {"selector": DartSelector()},
     # encoder-involved mode: VisionZip-style reduction before the LM (alone: to the budget; with
     # PIO: to twice the budget, then PIO-FVLM at layer 1 to the budget)
@@ -52,6 +60,33 @@ def settings(name: str, budget: int) -> dict[str, Any]:
     return kw
 
 
+def accuracy_and_coverage(model: Any, items: list[tuple[sv.EvalItem, Any]]) -> tuple[float, float, float]:
+    """Accuracy of the wrapped model; the share of questions whose objects all keep at least one
+    visual token; and the share of those objects' tokens kept (the objects of a question: every
+    object for counting, none for an absent one). Tokens that a merging selector folds into a
+    kept one are not credited: only kept positions count."""
+    split = [item for item, _ in items]
+    covered: list[bool] = []
+    token_share: list[float] = []
+
+    def note(start: int, chunk: list[sv.EvalItem]) -> None:
+        kept = pio_fvlm.last_selection(model)
+        assert kept is not None
+        rows = sv.prompt_rows([qa for _, _, qa in chunk])
+        length = max(len(r) for r in rows)
+        for offset, (row, positions) in enumerate(zip(rows, kept)):
+            (_, objects, qa), owners = items[start + offset]
+            targets = syn.question_objects(qa, objects)
+            if targets:
+                # left padding: the image's 576 tokens start at length - len(row)
+                kept_owners = owners[positions.numpy() - (length - len(row))]
+                covered.append(all(t in kept_owners for t in targets))
+                token_share.append(np.isin(kept_owners, targets).sum() / np.isin(owners, targets).sum())
+
+    accuracy = sv.evaluate(model, split, on_batch=note)["all"]
+    return accuracy, float(np.mean(covered)), float(np.mean(token_share))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=300)
@@ -62,21 +97,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
-    split = sv.eval_set(args.items)
+    items = sv.eval_set_with_owners(args.items)
+    split = [item for item, _ in items]
     full = sv.evaluate(model, split)
     blank = sv.evaluate(model, split, blank=True)["all"]
     print(f"all {sv.N_VISUAL} tokens: {full['all']:.1%}   blank image (prior): {blank:.1%}")
+    # How much the text has already read from the image before the prune layer: keep a single
+    # (evenly placed) visual token from there on. Any selector at that layer starts from this.
+    floor = {}
+    for layer in (1, 2):
+        pio_fvlm.wrap(model, budget=1, layer=layer, selector=UniformSelector())
+        floor[layer] = sv.evaluate(model, split)["all"]
+        pio_fvlm.unwrap(model)
+        print(f"one visual token left from layer {layer} on: {floor[layer]:.1%} "
+              f"(retention {floor[layer] / full['all']:.1%})")
     rows: dict[str, dict[int, float]] = {}
+    coverage: dict[str, dict[int, float]] = {}
+    token_share: dict[str, dict[int, float]] = {}
     header = f"{'selector':<22}" + "".join(f"{b:>9}" for b in args.budgets)
     print("retention (accuracy / all-token accuracy)\n" + header)
     for name in args.variants:
-        rows[name] = {}
+        rows[name], coverage[name], token_share[name] = {}, {}, {}
         for budget in args.budgets:
             pio_fvlm.wrap(model, budget=budget, **settings(name, budget))
-            rows[name][budget] = sv.evaluate(model, split)["all"]
+            rows[name][budget], coverage[name][budget], token_share[name][budget] = accuracy_and_coverage(model, items)
             pio_fvlm.unwrap(model)
-        print(f"{name:<22}" + "".join(f"{rows[name][b] / full['all']:>9.1%}" for b in args.budgets), flush=True)
-    result = {"items": args.items, "full": full, "blank": blank, "accuracy": rows,
+        print(f"{name:<22}" + "".join(f"{rows[name][b] / full['all']:>9.1%}" for b in args.budgets)
+              + "   objects seen: " + " ".join(f"{coverage[name][b]:.0%}" for b in args.budgets)
+              + "   their tokens kept: " + " ".join(f"{token_share[name][b]:.0%}" for b in args.budgets), flush=True)
+    result = {"items": args.items, "full": full, "blank": blank, "accuracy": rows, "one_token_from_layer": floor,
+              "questions_with_every_object_kept": coverage, "share_of_object_tokens_kept": token_share,
               "training_state": json.loads((Path(args.model) / "training_state.json").read_text())["step"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -30,10 +30,10 @@ from pio_fvlm import shapes_vlm as sv
 VALIDATION_SEED = 777_001
 
 
-def curriculum(step: int, total: int) -> int:
-    """Most objects per scene at this step: one for the first fifth of the run (to learn to see
-    colour, shape and column), then up to two, three, and four for the last two fifths."""
-    return min(4, 1 + int(5 * step / total)) if step < 0.6 * total else 4
+def curriculum(step: int, ramp: int) -> int:
+    """Most objects per scene at this step: one for the first third of the ramp (to learn to see
+    colour, shape and column), then up to two, three, and four from the end of the ramp on."""
+    return min(4, 1 + int(3 * step / ramp)) if step < ramp else 4
 
 
 AUX_CLASSES = (1 + 5, 1 + 3, 1 + 3)  # background + colours, shapes, columns
@@ -68,6 +68,9 @@ def main() -> None:
                    help="weight of the auxiliary per-patch loss (colour, shape, column of the object under "
                         "each visual token, read from the projector's output by a linear head that is "
                         "discarded after training); 0 = answers only")
+    p.add_argument("--ramp", type=int, default=1500,
+                   help="steps of the curriculum (1 object first, 4 at most from this step on); when "
+                        "resuming with a larger --steps, the curriculum does not start over")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--out", default=str(sv.ASSET_DIR))
@@ -104,7 +107,7 @@ def main() -> None:
     while step < args.steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
-        batch = sv.training_batch(rng, args.batch, curriculum(step, args.steps), pairs=args.pairs)
+        batch = sv.training_batch(rng, args.batch, curriculum(step, args.ramp), pairs=args.pairs)
         patch_labels = batch.pop("patch_labels")
         projected.clear()
         answer_loss = model(**batch).loss
@@ -124,7 +127,7 @@ def main() -> None:
             t0 = time.time()
             aux_mean = sum(aux_losses[-25:]) / len(aux_losses[-25:])
             print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} "
-                  f"objects<={curriculum(step, args.steps)} {rate:.2f} s/step", flush=True)
+                  f"objects<={curriculum(step, args.ramp)} {rate:.2f} s/step", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             acc = sv.evaluate(model, split)

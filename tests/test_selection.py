@@ -57,6 +57,35 @@ def test_fast_probe_equals_full_probe_and_naive(llava_sdpa, padding_side, includ
     assert (fast[valid] > 0).any()
 
 
+
+class _WrappedLinear(torch.nn.Module):
+    """A value projection that is not a plain ``nn.Linear`` (as a quantised or LoRA layer is)."""
+
+    def __init__(self, inner: torch.nn.Linear) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_fast_probe_with_an_opaque_value_projection(family):
+    """The fast probe projects attention-weighted inputs through ``v_proj.weight`` when it is a
+    plain Linear; any other module is called on the tokens instead. Both equal the full layer
+    (GQA and Qwen's biases included)."""
+    model = tiny_vlm(family, attn_implementation="sdpa", seed=2)
+    inputs = standard_batch(model)
+    inp, mods = _probe_inputs(model, inputs, 1)
+    by_weight = fast_saliency(mods, inp)
+    attn = mods.layer.self_attn
+    attn.v_proj = _WrappedLinear(attn.v_proj)
+    opaque = fast_saliency(mods, inp)
+    full = full_layer_saliency(mods, inp)
+    valid = inputs["attention_mask"].bool()
+    assert torch.allclose(opaque[valid], full[valid], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(by_weight[valid], full[valid], rtol=1e-4, atol=1e-7)
+
 def test_proxy_positions_follow_the_authors():
     valid = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 10]).bool()
     assert proxy_query_positions(valid, 4, False).tolist() == [[5, 6, 7, 8]] * 2  # L-5 .. L-2

@@ -54,3 +54,33 @@ def test_packed_training_pairs_see_only_the_image_and_themselves():
                 ref = model(input_ids=alone, pixel_values=batch["pixel_values"][row : row + 1]).logits
             torch.testing.assert_close(packed[row, a:b], ref[0, sv.N_VISUAL:], rtol=1e-4, atol=1e-5)
             assert (labels[row, a:b] != -100).sum() == 1  # one answer per pair
+
+
+def test_question_objects_name_what_each_question_is_about():
+    objects = [syn.Obj("circle", "red", 0, 0), syn.Obj("square", "red", 1, 1), syn.Obj("circle", "blue", 2, 2)]
+    about = {
+        "what color is the square ?": [1],
+        "what shape is the blue ?": [2],
+        "is there a red circle ?": [0],
+        "is there a green square ?": [],
+        "where is the blue circle ?": [2],
+    }
+    for question, want in about.items():
+        assert syn.question_objects(syn.QA("x", question, "x"), objects) == want
+    assert syn.question_objects(syn.QA("count", "how many shapes ?", "three"), objects) == [0, 1, 2]
+
+
+def test_eval_split_with_owners_is_the_eval_split():
+    """The quality benchmark's object coverage reads owners of the very scenes it asks about."""
+    from pio_fvlm import shapes_vlm as sv
+
+    items = sv.eval_set_with_owners(12)
+    for (image, objects, qa), ((same, objs, q), owners) in zip(sv.eval_set(12), items):
+        assert np.array_equal(image, same) and objects == objs and qa == q
+        assert owners.shape == (sv.N_VISUAL,)
+        assert set(owners.tolist()) == {-1, *range(len(objects))}  # every object owns a token
+        # at least a third of an owned token's patch shows its object's colour
+        for index in np.nonzero(owners >= 0)[0][:: 7]:
+            r, c = divmod(int(index), syn.SIZE // 14)
+            patch = image[14 * r : 14 * r + 14, 14 * c : 14 * c + 14]
+            assert (patch == syn.COLORS[objects[owners[index]].color]).all(-1).mean() >= 1 / 3

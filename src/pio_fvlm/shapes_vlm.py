@@ -8,6 +8,7 @@ that it loads with ``from_pretrained`` from a folder, no hub.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,16 +143,29 @@ EvalItem = tuple[np.ndarray, list[syn.Obj], syn.QA]
 
 def eval_set(n: int = 300, seed: int = 10_000_019, max_objects: int = 4) -> list[EvalItem]:
     """A held-out split (its own seed): one question per scene, types in rotation."""
+    return [item for item, _ in eval_set_with_owners(n, seed, max_objects)]
+
+
+def eval_set_with_owners(n: int = 300, seed: int = 10_000_019,
+                         max_objects: int = 4) -> list[tuple[EvalItem, np.ndarray]]:
+    """:func:`eval_set` (the same items) with each scene's (576,) visual-token owners
+    (:func:`pio_fvlm.synthetic.patch_owner`: object index under each token, -1 background)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         objects = syn.random_scene(rng, 1 + i % max_objects)
-        image = syn.render(objects, rng)
+        image, owner = syn.render_with_owner(objects, rng)
         by_kind = {qa.kind: qa for qa in syn.questions(objects, rng)}
         kind = syn.QUESTION_TYPES[i % len(syn.QUESTION_TYPES)]
         qa = by_kind.get(kind) or next(iter(by_kind.values()))
-        out.append((image, objects, qa))
+        out.append(((image, objects, qa), syn.patch_owner(owner)))
     return out
+
+
+def prompt_rows(qas: list[syn.QA]) -> list[list[int]]:
+    """Token ids of each question's prompt: the 576 image tokens, then the question."""
+    ids = word_ids()
+    return [[ids[IMAGE_TOKEN]] * N_VISUAL + [ids[w] for w in syn.qa_text(qa, with_answer=False).split()] for qa in qas]
 
 
 @torch.no_grad()
@@ -159,7 +173,7 @@ def answer_batch(model: Any, images: list[np.ndarray], qas: list[syn.QA]) -> lis
     """Greedy one-word answers (next-token argmax after "... ? answer")."""
     ids = word_ids()
     words = syn.VOCAB
-    rows = [[ids[IMAGE_TOKEN]] * N_VISUAL + [ids[w] for w in syn.qa_text(qa, with_answer=False).split()] for qa in qas]
+    rows = prompt_rows(qas)
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), ids["<pad>"], dtype=torch.long)
     mask = torch.zeros_like(input_ids)
@@ -170,16 +184,19 @@ def answer_batch(model: Any, images: list[np.ndarray], qas: list[syn.QA]) -> lis
     return [words[int(t)] for t in logits[:, -1].argmax(-1)]
 
 
-def evaluate(model: Any, split: list[tuple[np.ndarray, list[syn.Obj], syn.QA]], batch: int = 16,
-             blank: bool = False) -> dict[str, float]:
+def evaluate(model: Any, split: list[EvalItem], batch: int = 16, blank: bool = False,
+             on_batch: Callable[[int, list[EvalItem]], None] | None = None) -> dict[str, float]:
     """Accuracy overall, per question type and per object count. ``blank`` replaces every
-    image by background noise (accuracy should fall to the answer prior)."""
+    image by background noise (accuracy should fall to the answer prior). ``on_batch(start,
+    chunk)`` runs after each batch's forward (e.g. to read ``pio_fvlm.last_selection``)."""
     hits: dict[str, list[int]] = {}
     rng = random.Random(0)
     for start in range(0, len(split), batch):
         chunk = split[start : start + batch]
         images = [syn.render([], rng, blank=True) if blank else img for img, _, _ in chunk]
         answers = answer_batch(model, images, [qa for _, _, qa in chunk])
+        if on_batch is not None:
+            on_batch(start, chunk)
         for (_, objects, qa), got in zip(chunk, answers):
             ok = int(got == qa.answer)
             for key in ("all", qa.kind, f"objects={len(objects)}"):

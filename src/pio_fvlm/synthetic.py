@@ -90,21 +90,41 @@ def render_with_owner(objects: list[Obj], rng: random.Random, blank: bool = Fals
     return img.astype(np.uint8), owner
 
 
-def patch_labels(objects: list[Obj], owner: np.ndarray, patch: int = 14) -> np.ndarray:
-    """(3, n_patches) int, row-major patches: colour, shape and column of the object that covers
-    at least a third of the patch (1-based class indices; 0 = background). Dense targets for an
-    auxiliary loss that teaches a tiny vision tower what the questions ask about."""
+def patch_owner(owner: np.ndarray, patch: int = 14) -> np.ndarray:
+    """(n_patches,) int, row-major patches: the index of the object that covers at least a
+    third of the patch, -1 for background (objects sit in distinct grid cells: no overlaps)."""
     side = owner.shape[0] // patch
     blocks = owner[: side * patch, : side * patch].reshape(side, patch, side, patch).transpose(0, 2, 1, 3)
     cells = blocks.reshape(side * side, patch * patch)
-    labels = np.zeros((3, side * side), dtype=np.int64)
+    out = np.full(side * side, -1, dtype=np.int64)
+    for k in range(int(owner.max()) + 1):
+        out[(cells == k).mean(1) >= 1 / 3] = k
+    return out
+
+
+def patch_labels(objects: list[Obj], owner: np.ndarray, patch: int = 14) -> np.ndarray:
+    """(3, n_patches) int, row-major patches: colour, shape and column of the object under
+    each patch (:func:`patch_owner`; 1-based class indices, 0 = background). Dense targets for
+    an auxiliary loss that teaches a tiny vision tower what the questions ask about."""
+    index = patch_owner(owner, patch)
+    labels = np.zeros((3, index.shape[0]), dtype=np.int64)
     colors, shapes = list(COLORS), list(SHAPES)
     for k, o in enumerate(objects):
-        covered = (cells == k).mean(1) >= 1 / 3
+        covered = index == k
         labels[0, covered] = colors.index(o.color) + 1
         labels[1, covered] = shapes.index(o.shape) + 1
         labels[2, covered] = o.col + 1
     return labels
+
+
+def question_objects(qa: QA, objects: list[Obj]) -> list[int]:
+    """Indices of the objects a question is about: every object for counting, none for an
+    absent one ("is there a ... ?" answered no), else those matching its colour / shape words."""
+    if qa.kind == "count":
+        return list(range(len(objects)))
+    words = set(qa.question.split())
+    return [k for k, o in enumerate(objects)
+            if (o.shape in words or not words & set(SHAPES)) and (o.color in words or not words & set(COLORS))]
 
 
 def questions(objects: list[Obj], rng: random.Random) -> list[QA]:

@@ -17,6 +17,7 @@ Two exact implementations:
 from __future__ import annotations
 
 import contextvars
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +157,20 @@ def _rotary_fn(attn: nn.Module) -> Callable[..., Any] | None:
     return getattr(module, "apply_rotary_pos_emb", None)
 
 
+def _rotate_tokens_major(rotary: Callable[..., Any], x: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> torch.Tensor:
+    """The model's own rotary on (B, T, heads, hd) laid out tokens-major, cos/sin (B, T, hd).
+
+    Tokens-major keeps every elementwise op and its backward on contiguous memory (the
+    heads-major transpose made them strided, and on CPU they cost as much as the key matmul).
+    HF's function rotates two tensors; the second slot gets a one-head slice, a small waste.
+    """
+    if "unsqueeze_dim" in inspect.signature(rotary).parameters:
+        return rotary(x, x[:, :, :1], cos, sin, unsqueeze_dim=2)[0]
+    heads_major = x.transpose(1, 2)
+    return rotary(heads_major, heads_major[:, :1], cos, sin)[0].transpose(1, 2)
+
+
 def supports_fast_probe(layer: nn.Module) -> bool:
     """True for a Llama-style pre-norm layer: exactly these children and a standard rotary."""
     attn = getattr(layer, "self_attn", None)
@@ -193,30 +208,36 @@ def fast_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
         # Runs outside inference mode: clones make inference tensors usable by autograd.
         qpos = inp.query_positions.clone()
         cos, sin = (t.detach().clone() for t in inp.position_embeddings)  # type: ignore[union-attr]
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
         cos_q, sin_q = gather_tokens(cos, qpos), gather_tokens(sin, qpos)
         key_pos = torch.arange(s, device=qpos.device)
-        allowed = inp.valid.clone().unsqueeze(1) & (key_pos.view(1, 1, s) <= qpos.unsqueeze(2))  # (B, K, S)
+        allowed = inp.valid.clone().unsqueeze(2) & (key_pos.view(1, s, 1) <= qpos.unsqueeze(1))  # (B, S, K)
         xn = layer.input_layernorm(x)
-        q = attn.q_proj(gather_tokens(xn, qpos)).view(b, k_count, -1, hd).transpose(1, 2)  # (B, H, K, hd)
-        k = attn.k_proj(xn).view(b, s, -1, hd).transpose(1, 2)  # (B, Hkv, S, hd)
-        q = rotary(q, q, cos_q, sin_q)[0]
-        k = rotary(k, k, cos, sin)[0]
-        n_kv = k.shape[1]
-        # Query head h reads key/value head h // groups: group the queries instead of copying keys.
-        q = q.reshape(b, n_kv, groups * k_count, hd)
-        scores = (q @ k.transpose(2, 3)) * attn.scaling  # (B, Hkv, groups*K, S)
-        blocked = ~allowed.unsqueeze(1).expand(b, groups, k_count, s).reshape(b, 1, groups * k_count, s)
+        q = attn.q_proj(gather_tokens(xn, qpos)).view(b, k_count, -1, hd)  # (B, K, H, hd)
+        k = attn.k_proj(xn).view(b, s, -1, hd)  # (B, S, Hkv, hd)
+        q = _rotate_tokens_major(rotary, q, cos_q, sin_q)
+        k = _rotate_tokens_major(rotary, k, cos, sin)
+        n_kv = k.shape[2]
+        # All heads' scores in one plain matmul: keys (B, S, Hkv*hd) times the queries laid out
+        # block-diagonally (B, Hkv*hd, H*K); column h*K + i is query i of head h (HF order
+        # h = kv * groups + g). The zero blocks cost H*K columns, far less than the key projection.
+        qt = q.view(b, k_count, n_kv, groups, hd).permute(0, 2, 4, 3, 1)  # (B, Hkv, hd, groups, K)
+        eye = torch.eye(n_kv, dtype=q.dtype, device=q.device)
+        q_blocks = torch.einsum("bndgk,nm->bndmgk", qt, eye).reshape(b, n_kv * hd, n_kv * groups * k_count)
+        scores = (k.reshape(b, s, n_kv * hd) @ q_blocks) * attn.scaling  # (B, S, H*K)
+        blocked = ~allowed.unsqueeze(2).expand(b, s, n_kv * groups, k_count).reshape(b, s, -1)
         scores = scores.masked_fill(blocked, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = torch.softmax(scores, dim=1, dtype=torch.float32).to(q.dtype)  # over keys
         if values_by_weight:
-            # attention-weighted inputs, all heads in one (B, H*K, S) @ (B, S, D) product
-            mixed = (probs.reshape(b, -1, s) @ xn).view(b, n_kv, groups * k_count, d)
+            # attention-weighted inputs of every (head, query): one (B, H*K, S) @ (B, S, D) product
+            mixed = (probs.transpose(1, 2) @ xn).view(b, n_kv, groups * k_count, d)
             o = torch.einsum("bnqd,ned->bnqe", mixed, v_proj.weight.view(n_kv, hd, d))
             if v_proj.bias is not None:
                 o = o + v_proj.bias.view(1, n_kv, 1, hd)
         else:
-            o = probs @ v_proj(xn).view(b, s, -1, hd).transpose(1, 2)
-        # (B, Hkv, groups, K, hd) -> (B, K, H * hd) with heads in HF order (h = kv * groups + g)
+            v = v_proj(xn).view(b, s, n_kv, hd)
+            o = torch.einsum("bsnq,bsne->bnqe", probs.view(b, s, n_kv, groups * k_count), v)
+        # (B, Hkv, groups, K, hd) -> (B, K, H * hd) with heads in HF order
         o = o.view(b, n_kv, groups, k_count, hd).permute(0, 3, 1, 2, 4).reshape(b, k_count, -1)
         h = gather_tokens(x, qpos) + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
