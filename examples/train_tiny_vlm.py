@@ -2,6 +2,8 @@
 
     python examples/train_tiny_vlm.py                  # 2,500 steps, about 1 h on 2 CPU cores
     python examples/train_tiny_vlm.py                  # again: resumes where it stopped
+    python examples/train_tiny_vlm.py --steps 6000 --lr 1e-3   # extend a finished run (the cosine
+                                                               # schedule spans the new total)
 
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
@@ -20,6 +22,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -81,6 +84,8 @@ def main() -> None:
 
     info_path = out / "training_state.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {"step": 0, "history": []}
+    # how this checkpoint was made: every invocation, from the step it started at
+    info.setdefault("runs", []).append({"from_step": info["step"], "args": sys.argv[1:]})
     if info["step"] > 0:
         from transformers import LlavaForConditionalGeneration
 

@@ -11,7 +11,6 @@ import torch
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
@@ -24,22 +23,7 @@ from transformers import (
 import pio_fvlm
 from pio_fvlm.models import adapter_for
 from pio_fvlm.select.saliency import supports_fast_probe
-
-# Values from the checkpoints' config.json files.
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14, projection_dim=768)
-VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
-
-
-def llava15_7b_config(text_layers=32, vision_layers=24):
-    return LlavaConfig(
-        vision_config=CLIPVisionConfig(**{**CLIP_L_336, "num_hidden_layers": vision_layers}),
-        text_config=LlamaConfig(**{**VICUNA_7B, "num_hidden_layers": text_layers}),
-        image_token_id=32000,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+from pio_fvlm.testing import CLIP_L_336, VICUNA_7B, llava15_7b_config
 
 
 def test_llava15_7b_widths_run():

@@ -54,6 +54,26 @@ def miniature_llava(attn: str = "sdpa", dtype: torch.dtype = torch.float32, num_
     return LlavaForConditionalGeneration(config).eval().to(dtype)
 
 
+def random_llava15_7b(attn: str, dtype: torch.dtype, device: str, num_layers: int = 32) -> nn.Module:
+    """LLaVA-1.5-7B's real shapes (CLIP-L/336, 32 x 4096 Vicuna) with random weights, built
+    directly on ``device`` in ``dtype`` (about 14 GB in bf16): the GPU check without a download."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .testing import llava15_7b_config
+
+    torch.manual_seed(0)
+    config = llava15_7b_config(text_layers=num_layers)
+    config._attn_implementation = attn
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
 def miniature_inputs(model: nn.Module, batch: int, text_tokens: int = 50) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     n_img = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
@@ -172,12 +192,14 @@ def _median(xs: list[float]) -> float:
 def run(args: argparse.Namespace, progress: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     dtype = getattr(torch, args.dtype)
     if args.model:
+        if args.num_layers:
+            raise SystemExit("--num-layers only applies to the built-in shapes (--shapes), not to --model")
         from transformers import AutoModelForImageTextToText
 
         model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn,
                                                             device_map=args.device)
-        if args.num_layers:
-            raise SystemExit("--num-layers only applies to the built-in miniature")
+    elif args.shapes == "llava-1.5-7b":
+        model = random_llava15_7b(args.attn, dtype, args.device, args.num_layers or 32)
     else:
         model = miniature_llava(args.attn, dtype, args.num_layers or 32).to(args.device)
     inputs = miniature_inputs(model, args.batch, args.text_tokens)
@@ -257,7 +279,9 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
     return {
         "device": device,
         "torch": torch.__version__,
-        "model": args.model or "miniature LLaVA-1.5 (32 layers, hidden 512)",
+        "model": args.model or {"miniature": "miniature LLaVA-1.5 (hidden 512)",
+                                "llava-1.5-7b": "LLaVA-1.5-7B shapes, random weights"}[args.shapes],
+        "num_layers": model.config.text_config.num_hidden_layers,
         "dtype": args.dtype,
         "attn": args.attn,
         "batch": args.batch,
@@ -316,7 +340,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="HF id or path of a real checkpoint (default: the built-in miniature)")
+    p.add_argument("--model", help="HF id or path of a real checkpoint (default: built-in random weights, --shapes)")
+    p.add_argument("--shapes", default="miniature", choices=["miniature", "llava-1.5-7b"],
+                   help="random-weight model to build when --model is not given: the 32-layer CPU "
+                        "miniature, or LLaVA-1.5-7B's real shapes (for a GPU: about 14 GB in bfloat16)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -327,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-budgets", type=int, nargs="*", default=[64])
     p.add_argument("--reps", type=int, default=7, help="prefill repetitions per mode")
     p.add_argument("--e2e-reps", type=int, default=3, help="generate repetitions per mode")
-    p.add_argument("--num-layers", type=int, default=None, help="miniature only: LM depth (default 32)")
+    p.add_argument("--num-layers", type=int, default=None, help="built-in shapes only: LM depth (default 32)")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
     p.add_argument("--tag", default=None, help="file name stem (default: speed-<device>-b<batch>)")
     return p

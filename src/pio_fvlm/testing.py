@@ -37,6 +37,24 @@ QWEN_IMAGE_GRIDS = ((1, 4, 4), (1, 4, 6), (1, 6, 6))  # (t, h, w) patches -> 4, 
 QWEN_VIDEO_GRID = (2, 4, 4)  # 8 tokens
 
 
+# llava-hf/llava-1.5-7b-hf's config.json values: CLIP-L/336 tower and Vicuna-7B language model.
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, projection_dim=768)
+VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def llava15_7b_config(text_layers: int = 32, vision_layers: int = 24) -> LlavaConfig:
+    """LLaVA-1.5-7B's configuration (576 visual tokens, 32 x 4096 LM), optionally shallower."""
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**{**CLIP_L_336, "num_hidden_layers": vision_layers}),
+        text_config=LlamaConfig(**{**VICUNA_7B, "num_hidden_layers": text_layers}),
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
 def _text_config(num_layers: int, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
                  vocab_size: int) -> dict:
     return dict(

@@ -1,0 +1,52 @@
+"""The speed benchmark runs end to end and its exact (non-timing) columns are right.
+
+Timings are not asserted (this machine is noisy; speed targets live in benchmarks/): only the
+quantities that must hold exactly whatever the machine does.
+"""
+
+import json
+
+import pytest
+import torch
+
+from pio_fvlm import bench
+from pio_fvlm.testing import llava15_7b_config
+
+
+def test_bench_runs_and_reports_exact_cache_and_flop_ratios(tmp_path):
+    result = bench.main(["--num-layers", "2", "--budgets", "64", "--reps", "1", "--e2e-reps", "1",
+                         "--new-tokens", "2", "--out", str(tmp_path), "--tag", "t"])
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["checks"] == pytest.approx(result["checks"], nan_ok=True)
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "pio-64", "ideal-64", "naive-64", "free-64", "pio-576"}
+    # the pruned layer caches exactly text + 64 tokens (50 text tokens around 576 visual ones)
+    assert result["checks"]["pruned_layer_kv_ratio"] == pytest.approx((50 + 64) / (50 + 576), rel=1e-12)
+    # the no-op budget changes nothing that can be counted
+    assert rows["pio-576"]["kv_bytes"] == rows["full"]["kv_bytes"]
+    assert rows["pio-576"]["gflops"] == pytest.approx(rows["full"]["gflops"])
+    # same kept count, different selection cost: equal caches; FLOPs ordered free < pio < naive
+    # (with only 2 layers the naive probe's full-sequence head and backward outweigh the pruning)
+    assert rows["pio-64"]["kv_bytes"] == rows["free-64"]["kv_bytes"] == rows["naive-64"]["kv_bytes"]
+    assert rows["ideal-64"]["kv_bytes"] < rows["pio-64"]["kv_bytes"]
+    flops = [rows[m]["gflops"] for m in ("ideal-64", "free-64", "pio-64", "naive-64")]
+    assert flops == sorted(flops) and len(set(flops)) == 4
+    assert rows["pio-64"]["gflops"] < rows["full"]["gflops"]
+    assert rows["pio-64"]["select_ms"] > 0 and rows["full"]["select_ms"] is None
+    assert "pruned_layer_kv_ratio=0.182" in bench.format_table(result)
+
+
+def test_bench_llava15_7b_shapes_are_the_checkpoint_config():
+    args = bench.parser().parse_args(["--shapes", "llava-1.5-7b", "--num-layers", "1"])
+    assert args.shapes == "llava-1.5-7b"
+    want = llava15_7b_config(text_layers=1)
+    with torch.device("meta"):
+        model = bench.random_llava15_7b("sdpa", torch.bfloat16, "meta", num_layers=1)
+    assert model.config.text_config.hidden_size == want.text_config.hidden_size == 4096
+    assert model.config.vision_config.image_size == 336 and model.config.text_config.num_hidden_layers == 1
+    assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_bench_refuses_num_layers_with_a_checkpoint():
+    with pytest.raises(SystemExit, match="--num-layers"):
+        bench.run(bench.parser().parse_args(["--model", "some/checkpoint", "--num-layers", "2"]))
