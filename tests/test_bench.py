@@ -16,6 +16,7 @@ from pio_fvlm.testing import llava15_7b_config
 def test_bench_runs_and_reports_exact_cache_and_flop_ratios(tmp_path):
     result = bench.main(["--num-layers", "2", "--budgets", "64", "--reps", "1", "--e2e-reps", "1",
                          "--new-tokens", "2", "--out", str(tmp_path), "--tag", "t"])
+    assert torch.is_grad_enabled()  # the benchmark leaves the caller's grad mode alone
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["checks"] == pytest.approx(result["checks"], nan_ok=True)
     rows = {r["mode"]: r for r in result["rows"]}

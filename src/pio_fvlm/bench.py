@@ -362,14 +362,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
         from tqdm import tqdm
 
         progress: Callable[[Any], Any] | None = lambda it: tqdm(it, desc="repetitions")  # noqa: E731
     except ImportError:
         progress = None
-    result = run(args, progress)
+    with torch.no_grad():  # scoped: `pio-fvlm bench` may run inside a caller's process (tests, notebooks)
+        result = run(args, progress)
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
