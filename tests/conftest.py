@@ -114,3 +114,14 @@ def assert_cached_equals_uncached_and_batch_equals_alone(model, prompts, **wrap_
     assert torch.equal(cached, model.generate(**batch, use_cache=False, **GREEDY))
     pio_fvlm.wrap(model, **wrap_kwargs)
     assert_batch_equals_alone(model, prompts, batch)
+
+
+def assert_encoder_then_pio_stages(model, encoder_sizes: list[int], pio_sizes: list[int]) -> None:
+    """The last call kept ``encoder_sizes[b]`` tokens of sample b at stage 0 (the encoder) and
+    ``pio_sizes[b]`` at stage 1, the latter a subset of the former."""
+    import pio_fvlm
+
+    stage0, stage1 = pio_fvlm.last_selection(model, 0), pio_fvlm.last_selection(model, 1)
+    assert [len(s) for s in stage0] == encoder_sizes and [len(s) for s in stage1] == pio_sizes
+    for a, b in zip(stage0, stage1):
+        assert set(b.tolist()) <= set(a.tolist())

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import assert_cached_equals_uncached_and_batch_equals_alone, layer_lengths, n_visual
+from conftest import (
+    assert_cached_equals_uncached_and_batch_equals_alone,
+    assert_encoder_then_pio_stages,
+    layer_lengths,
+    n_visual,
+)
 from pio_fvlm.encoder.visionzip import DOMINANT_SHARE
 from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
 
@@ -26,10 +31,7 @@ def test_layer_lengths_and_kept_sets(model):
     enc = [n // 16 * 8 for n in counts]
     assert seen[0] == seen[1] == max(length - n + e for n, e in zip(counts, enc))  # text + encoder_budget
     assert seen[2] == seen[3] == max(length - n + 4 for n in counts)  # text + budget
-    stage0, stage1 = pio_fvlm.last_selection(model, 0), pio_fvlm.last_selection(model, 1)
-    assert [len(s) for s in stage0] == enc and [len(s) for s in stage1] == [4, 4]
-    for a, b in zip(stage0, stage1):
-        assert set(b.tolist()) <= set(a.tolist())
+    assert_encoder_then_pio_stages(model, enc, [4, 4])
 
 
 def test_dominant_tokens_follow_cls_attention(model):

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import assert_cached_equals_uncached_and_batch_equals_alone, layer_lengths, n_visual
+from conftest import (
+    assert_cached_equals_uncached_and_batch_equals_alone,
+    assert_encoder_then_pio_stages,
+    layer_lengths,
+    n_visual,
+)
 from pio_fvlm.encoder.next_tiles import tile_patch_map
 from pio_fvlm.encoder.visionzip import split_dominant
 from pio_fvlm.testing import NEXT_IMAGE_SIZES, Prompt, make_batch, tiny_vlm
@@ -41,10 +46,7 @@ def test_layer_lengths_and_kept_sets(model):
     counts = n_visual(inputs)
     assert seen[0] == seen[1] == max(length - n + min(9, n) for n in counts)
     assert seen[2] == seen[3] == max(length - n + 4 for n in counts)
-    stage0, stage1 = pio_fvlm.last_selection(model, 0), pio_fvlm.last_selection(model, 1)
-    assert [len(s) for s in stage0] == [9, 9] and [len(s) for s in stage1] == [4, 4]
-    for a, b in zip(stage0, stage1):
-        assert set(b.tolist()) <= set(a.tolist())
+    assert_encoder_then_pio_stages(model, [9, 9], [4, 4])
 
 
 def test_dominant_tokens_follow_each_tiles_cls_attention(model):

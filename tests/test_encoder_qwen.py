@@ -5,7 +5,12 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import assert_cached_equals_uncached_and_batch_equals_alone, layer_lengths, n_visual
+from conftest import (
+    assert_cached_equals_uncached_and_batch_equals_alone,
+    assert_encoder_then_pio_stages,
+    layer_lengths,
+    n_visual,
+)
 from pio_fvlm.encoder.qwen_windows import merged_window_layout, window_first
 from pio_fvlm.encoder.visionzip import share_budget, split_dominant
 from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
@@ -50,10 +55,7 @@ def test_layer_lengths_and_kept_sets(model):
     counts = n_visual(inputs)  # 9 and 12
     assert seen[0] == seen[1] == max(length - n + 5 for n in counts)  # text + encoder_budget (per sample)
     assert seen[2] == seen[3] == max(length - n + 3 for n in counts)
-    stage0, stage1 = pio_fvlm.last_selection(model, 0), pio_fvlm.last_selection(model, 1)
-    assert [len(s) for s in stage0] == [5, 5] and [len(s) for s in stage1] == [3, 3]
-    for a, b in zip(stage0, stage1):
-        assert set(b.tolist()) <= set(a.tolist())
+    assert_encoder_then_pio_stages(model, [5, 5], [3, 3])
 
 
 def _reference_scores(model, inputs):
