@@ -31,6 +31,7 @@ from transformers import LlavaForConditionalGeneration
 import pio_fvlm
 from pio_fvlm import shapes_vlm as sv
 from pio_fvlm import synthetic as syn
+from pio_fvlm.select import select_with_nms
 from pio_fvlm.select.baselines import DartSelector, FastVSelector, PoolingSelector, RandomSelector, UniformSelector
 
 
@@ -56,13 +57,7 @@ class OracleSelector:
         for i, row in enumerate(rows):
             # raster order breaks ties: a tiny decreasing offset
             score[i, cand[i]] = torch.from_numpy(row).float() - torch.arange(len(row)) * 1e-6
-        return _top_by_score(score, request)
-
-
-def _top_by_score(score: torch.Tensor, request: Any) -> torch.Tensor:
-    from pio_fvlm.select.nms import select_with_nms
-
-    return select_with_nms(score, request.probe_inputs.hidden, request.candidates, request.budgets, None)
+        return select_with_nms(score, request.probe_inputs.hidden, request.candidates, request.budgets, None)
 
 
 ORACLE = OracleSelector()
@@ -157,8 +152,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.variants:
         rows[name], coverage[name], token_share[name] = {}, {}, {}
         for budget in args.budgets:
-            pio_fvlm.wrap(model, budget=budget, **settings(name, budget))
-            ORACLE.load(items)
+            kwargs = settings(name, budget)
+            if kwargs.get("selector") is ORACLE:
+                ORACLE.load(items)
+            pio_fvlm.wrap(model, budget=budget, **kwargs)
             rows[name][budget], coverage[name][budget], token_share[name][budget] = accuracy_and_coverage(model, items)
             pio_fvlm.unwrap(model)
         print(f"{name:<22}" + "".join(f"{rows[name][b] / full['all']:>9.1%}" for b in args.budgets)

@@ -17,6 +17,7 @@ Two exact implementations:
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -157,6 +158,12 @@ def _rotary_fn(attn: nn.Module) -> Callable[..., Any] | None:
     return getattr(module, "apply_rotary_pos_emb", None)
 
 
+@functools.cache
+def _takes_unsqueeze_dim(rotary: Callable[..., Any]) -> bool:
+    # once per rotary function, not per prefill: signature inspection is slow
+    return "unsqueeze_dim" in inspect.signature(rotary).parameters
+
+
 def _rotate_tokens_major(rotary: Callable[..., Any], x: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor) -> torch.Tensor:
     """The model's own rotary on (B, T, heads, hd) laid out tokens-major, cos/sin (B, T, hd).
@@ -165,7 +172,7 @@ def _rotate_tokens_major(rotary: Callable[..., Any], x: torch.Tensor, cos: torch
     heads-major transpose made them strided, and on CPU they cost as much as the key matmul).
     HF's function rotates two tensors; the second slot gets a one-head slice, a small waste.
     """
-    if "unsqueeze_dim" in inspect.signature(rotary).parameters:
+    if _takes_unsqueeze_dim(rotary):
         return rotary(x, x[:, :, :1], cos, sin, unsqueeze_dim=2)[0]
     heads_major = x.transpose(1, 2)
     return rotary(heads_major, heads_major[:, :1], cos, sin)[0].transpose(1, 2)
