@@ -4,6 +4,9 @@
     python examples/train_tiny_vlm.py                  # again: resumes where it stopped
     python examples/train_tiny_vlm.py --steps 6000 --lr 1e-3   # extend a finished run (the cosine
                                                                # schedule spans the new total)
+    python examples/train_tiny_vlm.py --steps 12000 --lr 6e-4 --restart-schedule --drop 0.6
+                                  # extend with a fresh warmup + cosine, thinning the visual tokens
+                                  # of 60 % of the sequences from decoder layer 1 on
 
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
@@ -54,7 +57,9 @@ def aux_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                for k, part in enumerate(parts)) / len(parts)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int = 200, start: int = 0) -> float:
+    """Linear warmup from ``start``, then cosine down to a tenth of ``peak`` at ``total``."""
+    step, total = step - start, total - start
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -74,6 +79,12 @@ def main() -> None:
     p.add_argument("--ramp", type=int, default=1500,
                    help="steps of the curriculum (1 object first, 4 at most from this step on); when "
                         "resuming with a larger --steps, the curriculum does not start over")
+    p.add_argument("--drop", type=float, default=0.0,
+                   help="share of sequences whose visual tokens are randomly thinned from --drop-layer on "
+                        "(to 16..576, log-uniform; see shapes_vlm.token_keep), so that pruning is in distribution")
+    p.add_argument("--drop-layer", type=int, default=1, help="decoder layer from which on dropped tokens are hidden")
+    p.add_argument("--restart-schedule", action="store_true",
+                   help="warm up and decay the learning rate from the step this run starts at, not from 0")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--out", default=str(sv.ASSET_DIR))
@@ -97,6 +108,9 @@ def main() -> None:
     aux_head = torch.nn.Linear(model.config.text_config.hidden_size, AUX_CLASSES[0] + AUX_CLASSES[1] + AUX_CLASSES[2])
     projected: list[torch.Tensor] = []
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.append(out))
+    keep_columns: list[torch.Tensor] = []
+    if args.drop:
+        sv.hide_dropped_tokens(model.model.language_model.layers, args.drop_layer, keep_columns)
     optimizer = torch.optim.AdamW([*model.parameters(), *aux_head.parameters()], lr=args.lr, weight_decay=0.01)
     opt_path, aux_path = state_dir / "optimizer.pt", state_dir / "aux_head.pt"
     if info["step"] > 0 and opt_path.exists():
@@ -109,11 +123,16 @@ def main() -> None:
     print(f"{n_params / 1e6:.2f} M parameters; {args.steps - info['step']} steps to go")
 
     step, t0, losses, aux_losses = info["step"], time.time(), [], [0.0]
+    start = step if args.restart_schedule else 0
     while step < args.steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
+            group["lr"] = lr_at(step, args.steps, args.lr, start=start)
         batch = sv.training_batch(rng, args.batch, curriculum(step, args.ramp), pairs=args.pairs)
         patch_labels = batch.pop("patch_labels")
+        if args.drop:
+            keep = sv.token_keep(patch_labels, rng, args.drop)
+            text = torch.ones(keep.shape[0], batch["input_ids"].shape[1] - keep.shape[1], dtype=torch.bool)
+            keep_columns[:] = [torch.cat([keep, text], dim=1)]  # the image comes first in every row
         projected.clear()
         answer_loss = model(**batch).loss
         loss = answer_loss

@@ -84,3 +84,51 @@ def test_eval_split_with_owners_is_the_eval_split():
             r, c = divmod(int(index), syn.SIZE // 14)
             patch = image[14 * r : 14 * r + 14, 14 * c : 14 * c + 14]
             assert (patch == syn.COLORS[objects[owners[index]].color]).all(-1).mean() >= 1 / 3
+
+
+def test_tokens_dropped_in_training_are_pruned_tokens():
+    """The training script's token thinning (hide visual tokens from decoder layer 1 on) gives
+    the logits that pruning those same tokens with the library gives: the augmentation puts
+    exactly what pruning does in distribution, no more, no less."""
+    import torch
+
+    import pio_fvlm
+    from pio_fvlm import shapes_vlm as sv
+    from pio_fvlm.select import select_with_nms
+
+    model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=3)
+    batch = sv.training_batch(random.Random(0), 3, 3, pairs=1)
+    patch_labels = batch.pop("patch_labels")
+    batch.pop("labels")
+    keep = sv.token_keep(patch_labels, random.Random(1), share=1.0)
+    counts = keep.sum(1)
+    assert ((counts >= 16) & (counts <= sv.N_VISUAL)).all() and (counts < sv.N_VISUAL).any()
+    assert sv.token_keep(patch_labels, random.Random(1), share=0.0).all()
+
+    columns: list[torch.Tensor] = []
+    sv.hide_dropped_tokens(model.model.language_model.layers, 1, columns)
+    text_len = batch["input_ids"].shape[1] - sv.N_VISUAL
+    columns.append(torch.cat([keep, torch.ones(3, text_len, dtype=torch.bool)], dim=1))
+    model.train()  # the hooks act in training only (no dropout in this config)
+    with torch.no_grad():
+        thinned = model(**batch).logits
+        model.eval()
+        untouched = model(**batch).logits
+
+    for row in range(3):
+        n_valid = int((batch["input_ids"][row] != sv.word_ids()["<pad>"]).sum())
+
+        def kept_by_training(request, row=row):
+            score = torch.zeros(request.candidates.shape)
+            score[0, request.candidates[0]] = keep[row].float()
+            return select_with_nms(score, request.probe_inputs.hidden, request.candidates, request.budgets, None)
+
+        pio_fvlm.wrap(model, budget=int(counts[row]), selector=kept_by_training)
+        with torch.no_grad():
+            pruned = model(input_ids=batch["input_ids"][row : row + 1, :n_valid],
+                           pixel_values=batch["pixel_values"][row : row + 1]).logits
+        pio_fvlm.unwrap(model)
+        text = slice(sv.N_VISUAL, n_valid)
+        torch.testing.assert_close(thinned[row, text], pruned[0, -(n_valid - sv.N_VISUAL):], rtol=1e-4, atol=1e-5)
+        if counts[row] < sv.N_VISUAL:  # and the thinning did change something
+            assert not torch.allclose(thinned[row, text], untouched[row, text], atol=1e-4)

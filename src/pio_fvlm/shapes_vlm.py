@@ -7,6 +7,7 @@ that it loads with ``from_pretrained`` from a folder, no hub.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -136,6 +137,52 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
     position_ids = torch.arange(length).expand(batch, length) - first + torch.where(segment > 0, N_VISUAL, 0)
     return {"input_ids": input_ids, "attention_mask": visible.unsqueeze(1), "position_ids": position_ids,
             "labels": labels_t, "pixel_values": pixels(images), "patch_labels": torch.from_numpy(np.stack(dense))}
+
+
+DROP_MODES = ("uniform", "objects first", "objects favoured")
+
+
+def token_keep(patch_labels: torch.Tensor, rng: random.Random, share: float, least: int = 16) -> torch.Tensor:
+    """(B, 576) bool: the visual tokens each sequence keeps from ``--drop-layer`` on.
+
+    A ``share`` of the sequences keep only ``k`` tokens (log-uniform in [least, 576]), chosen
+    uniformly at random, or the objects' tokens first, or with objects favoured (a third each), so
+    that the model sees what any pruning method leaves (a few objects' tokens and little background)
+    and does not depend on the background being there. The rest keep all tokens.
+
+    Args:
+        patch_labels: (B, 3, 576) from :func:`training_batch`; row 0 > 0
+            marks a token on an object.
+    """
+    on_object = (patch_labels[:, 0] > 0).float()
+    keep = torch.ones(on_object.shape, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    for i in range(keep.shape[0]):
+        if rng.random() >= share:
+            continue
+        k = round(math.exp(rng.uniform(math.log(least), math.log(on_object.shape[1]))))
+        noise = torch.rand(on_object.shape[1], generator=gen)
+        bias = {"uniform": 0.0, "objects first": 2.0, "objects favoured": 0.5}[rng.choice(DROP_MODES)]
+        keep[i] = False
+        keep[i, (noise + bias * on_object[i]).topk(k).indices] = True
+    return keep
+
+
+def hide_dropped_tokens(layers: torch.nn.ModuleList, first: int, keep_columns: list[torch.Tensor]) -> None:
+    """From decoder layer ``first`` on, no query sees a dropped visual token (each still sees
+    itself): the same as pruning it there. ``keep_columns[-1]`` is the current batch's (B, L)
+    bool, True for every text token and kept visual token."""
+
+    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not module.training:  # evaluation sees every token
+            return args, kwargs
+        mask = kwargs["attention_mask"]  # (B, 1, L, L) bool, from training_batch
+        eye = torch.eye(mask.shape[-1], dtype=torch.bool)
+        kwargs["attention_mask"] = mask & (keep_columns[-1][:, None, None, :] | eye)
+        return args, kwargs
+
+    for layer in layers[first:]:
+        layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
 EvalItem = tuple[np.ndarray, list[syn.Obj], syn.QA]
