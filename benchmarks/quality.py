@@ -85,6 +85,48 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 
+LABELS = {
+    "pio": "pio (layer 1, authors' defaults)",
+    "pio layer=2": "pio, layer 2",
+    "pio proxy incl. last": "pio, proxy positions incl. last",
+    "pio no NMS": "pio, no NMS",
+    "pio tau=0.6": "pio, tau 0.6",
+    "fastv (layer 2)": "FastV (layer 2, its own setting)",
+    "fastv (layer 1)": "FastV at layer 1 (PIO's prune layer)",
+    "dart": "DART-style",
+    "visionzip (encoder only)": "encoder only (VisionZip-style, to the budget)",
+    "visionzip + pio": "encoder to 2x budget + pio",
+}
+
+
+def answer_prior(split: list[sv.EvalItem]) -> float:
+    """Accuracy of the best constant answer per question type (counted on ``split`` itself, so
+    an upper bound on what a model that ignores the image can score)."""
+    by_kind: dict[str, list[str]] = {}
+    for _, _, qa in split:
+        by_kind.setdefault(qa.kind, []).append(qa.answer)
+    return sum(max(answers.count(a) for a in set(answers)) for answers in by_kind.values()) / len(split)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The README / docs table of a result: retention per budget, and the coverage columns at
+    budgets 64 and 16 (or the largest and smallest measured)."""
+    result = json.loads(json.dumps(result))  # budgets as strings, as in a saved result
+    full = result["full"]["all"]
+    budgets = [int(b) for b in next(iter(result["accuracy"].values()))]
+    a, b = (64, 16) if {64, 16} <= set(budgets) else (max(budgets), min(budgets))
+    lines = ["| selector | " + " | ".join(map(str, budgets))
+             + f" | asked-about objects kept, {a} / {b} | their tokens kept, {a} / {b} |",
+             "|---" * (len(budgets) + 3) + "|"]
+    for name, accuracy in result["accuracy"].items():
+        seen, share = result["questions_with_every_object_kept"][name], result["share_of_object_tokens_kept"][name]
+        cells = [f"{accuracy[str(k)] / full:.1%}".replace("%", " %") for k in budgets]
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells)
+                     + f" | {seen[str(a)]:.0%} / {seen[str(b)]:.0%} | {share[str(a)]:.0%} / {share[str(b)]:.0%} |"
+                     .replace("%", " %"))
+    return "\n".join(lines)
+
+
 def settings(name: str, budget: int) -> dict[str, Any]:
     """The wrap() keywords of a variant at a budget (encoder budgets scale with it)."""
     kw = dict(VARIANTS[name])
@@ -120,21 +162,16 @@ def accuracy_and_coverage(model: Any, items: list[tuple[sv.EvalItem, Any]]) -> t
     return accuracy, float(np.mean(covered)), float(np.mean(token_share))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--items", type=int, default=300)
-    p.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64, 32, 16])
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    p.add_argument("--out", default="benchmarks/results/quality.json")
-    p.add_argument("--model", default=str(sv.ASSET_DIR), help="a tiny-shapes checkpoint folder")
-    args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every variant at every budget on the split (see the module docstring)."""
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     items = sv.eval_set_with_owners(args.items)
     split = [item for item, _ in items]
     full = sv.evaluate(model, split)
     blank = sv.evaluate(model, split, blank=True)["all"]
-    print(f"all {sv.N_VISUAL} tokens: {full['all']:.1%}   blank image (prior): {blank:.1%}")
+    prior = answer_prior(split)
+    print(f"all {sv.N_VISUAL} tokens: {full['all']:.1%}   blank image: {blank:.1%}   "
+          f"best constant answer per question type: {prior:.1%}")
     # How much the text has already read from the image before the prune layer: keep a single
     # (evenly placed) visual token from there on. Any selector at that layer starts from this.
     floor = {}
@@ -161,9 +198,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name:<22}" + "".join(f"{rows[name][b] / full['all']:>9.1%}" for b in args.budgets)
               + "   objects seen: " + " ".join(f"{coverage[name][b]:.0%}" for b in args.budgets)
               + "   their tokens kept: " + " ".join(f"{token_share[name][b]:.0%}" for b in args.budgets), flush=True)
-    result = {"items": args.items, "full": full, "blank": blank, "accuracy": rows, "one_token_from_layer": floor,
-              "questions_with_every_object_kept": coverage, "share_of_object_tokens_kept": token_share,
+    result = {"items": args.items, "full": full, "blank": blank, "answer_prior": prior, "accuracy": rows,
+              "one_token_from_layer": floor, "questions_with_every_object_kept": coverage,
+              "share_of_object_tokens_kept": token_share,
               "training_state": json.loads((Path(args.model) / "training_state.json").read_text())["step"]}
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=300)
+    p.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64, 32, 16])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--out", default="benchmarks/results/quality.json")
+    p.add_argument("--model", default=str(sv.ASSET_DIR), help="a tiny-shapes checkpoint folder")
+    p.add_argument("--table", metavar="JSON", help="print the markdown table of a saved result and exit")
+    args = p.parse_args(argv)
+    if args.table:
+        result = json.loads(Path(args.table).read_text())
+        print(markdown_table(result))
+        return result
+    with torch.no_grad():  # scoped: the caller's grad mode is left alone
+        result = measure(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
