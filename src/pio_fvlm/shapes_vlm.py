@@ -143,7 +143,8 @@ DROP_MODES = ("uniform", "objects first", "objects favoured")
 
 
 def token_keep(patch_labels: torch.Tensor, rng: random.Random, share: float, least: int = 16) -> torch.Tensor:
-    """(B, 576) bool: the visual tokens each sequence keeps from ``--drop-layer`` on.
+    """(B, 576) bool: the visual tokens each training sequence keeps from the thinning layer on
+    (the training script's ``--drop``; applied by :func:`hide_dropped_tokens`).
 
     A ``share`` of the sequences keep only ``k`` tokens (log-uniform in [least, 576]), chosen
     uniformly at random, or the objects' tokens first, or with objects favoured (a third each), so
@@ -151,8 +152,7 @@ def token_keep(patch_labels: torch.Tensor, rng: random.Random, share: float, lea
     and does not depend on the background being there. The rest keep all tokens.
 
     Args:
-        patch_labels: (B, 3, 576) from :func:`training_batch`; row 0 > 0
-            marks a token on an object.
+        patch_labels: (B, 3, 576) from :func:`training_batch`; row 0 > 0 marks a token on an object.
     """
     on_object = (patch_labels[:, 0] > 0).float()
     keep = torch.ones(on_object.shape, dtype=torch.bool)
