@@ -4,9 +4,10 @@
     python examples/train_tiny_vlm.py                  # again: resumes where it stopped
     python examples/train_tiny_vlm.py --steps 6000 --lr 1e-3   # extend a finished run (the cosine
                                                                # schedule spans the new total)
-    python examples/train_tiny_vlm.py --steps 12000 --lr 6e-4 --restart-schedule --drop 0.6
+    python examples/train_tiny_vlm.py --steps 12000 --lr 6e-4 --restart-schedule --drop 0.5
                                   # extend with a fresh warmup + cosine, thinning the visual tokens
-                                  # of 60 % of the sequences from decoder layer 1 on
+                                  # of half the sequences from decoder layer 1 on (the shipped
+                                  # checkpoint's last run; see docs/quality.md)
 
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
@@ -84,7 +85,8 @@ def main() -> None:
                         "(to 16..576, log-uniform; see shapes_vlm.token_keep), so that pruning is in distribution")
     p.add_argument("--drop-layer", type=int, default=1, help="decoder layer from which on dropped tokens are hidden")
     p.add_argument("--restart-schedule", action="store_true",
-                   help="warm up and decay the learning rate from the step this run starts at, not from 0")
+                   help="warm up and decay the learning rate from the step this invocation starts at, "
+                        "not from 0 (resuming an interrupted run with this flag warms up again)")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--out", default=str(sv.ASSET_DIR))
