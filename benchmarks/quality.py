@@ -31,8 +31,14 @@ from transformers import LlavaForConditionalGeneration
 import pio_fvlm
 from pio_fvlm import shapes_vlm as sv
 from pio_fvlm import synthetic as syn
-from pio_fvlm.select import select_with_nms
-from pio_fvlm.select.baselines import DartSelector, FastVSelector, PoolingSelector, RandomSelector, UniformSelector
+from pio_fvlm.select.baselines import (
+    DartSelector,
+    FastVSelector,
+    PoolingSelector,
+    RandomSelector,
+    UniformSelector,
+    top_by_visual_score,
+)
 
 
 class OracleSelector:
@@ -51,13 +57,10 @@ class OracleSelector:
             self.queue.append(np.where(np.isin(owners, targets), 2.0, np.where(owners >= 0, 1.0, 0.0)))
 
     def __call__(self, request: Any) -> torch.Tensor:
-        cand = request.candidates
-        rows, self.queue = self.queue[: cand.shape[0]], self.queue[cand.shape[0]:]
-        score = torch.zeros(cand.shape, dtype=torch.float32)
-        for i, row in enumerate(rows):
-            # raster order breaks ties: a tiny decreasing offset
-            score[i, cand[i]] = torch.from_numpy(row).float() - torch.arange(len(row)) * 1e-6
-        return select_with_nms(score, request.probe_inputs.hidden, request.candidates, request.budgets, None)
+        n = request.candidates.shape[0]
+        rows, self.queue = self.queue[:n], self.queue[n:]
+        # raster order breaks ties: a tiny decreasing offset
+        return top_by_visual_score(request, [torch.from_numpy(r).float() - torch.arange(len(r)) * 1e-6 for r in rows])
 
 
 ORACLE = OracleSelector()

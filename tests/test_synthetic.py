@@ -94,7 +94,7 @@ def test_tokens_dropped_in_training_are_pruned_tokens():
 
     import pio_fvlm
     from pio_fvlm import shapes_vlm as sv
-    from pio_fvlm.select import select_with_nms
+    from pio_fvlm.select.baselines import top_by_visual_score
 
     model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=3)
     batch = sv.training_batch(random.Random(0), 3, 3, pairs=1)
@@ -119,9 +119,7 @@ def test_tokens_dropped_in_training_are_pruned_tokens():
         n_valid = int((batch["input_ids"][row] != sv.word_ids()["<pad>"]).sum())
 
         def kept_by_training(request, row=row):
-            score = torch.zeros(request.candidates.shape)
-            score[0, request.candidates[0]] = keep[row].float()
-            return select_with_nms(score, request.probe_inputs.hidden, request.candidates, request.budgets, None)
+            return top_by_visual_score(request, [keep[row].float()])
 
         pio_fvlm.wrap(model, budget=int(counts[row]), selector=kept_by_training)
         with torch.no_grad():

@@ -139,7 +139,8 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
             "labels": labels_t, "pixel_values": pixels(images), "patch_labels": torch.from_numpy(np.stack(dense))}
 
 
-DROP_MODES = ("uniform", "objects first", "objects favoured")
+# how a thinned sequence picks its tokens: top-k of uniform noise + this bias on object tokens
+DROP_BIAS = {"uniform": 0.0, "objects first": 2.0, "objects favoured": 0.5}
 
 
 def token_keep(patch_labels: torch.Tensor, rng: random.Random, share: float, least: int = 16) -> torch.Tensor:
@@ -162,7 +163,7 @@ def token_keep(patch_labels: torch.Tensor, rng: random.Random, share: float, lea
             continue
         k = round(math.exp(rng.uniform(math.log(least), math.log(on_object.shape[1]))))
         noise = torch.rand(on_object.shape[1], generator=gen)
-        bias = {"uniform": 0.0, "objects first": 2.0, "objects favoured": 0.5}[rng.choice(DROP_MODES)]
+        bias = DROP_BIAS[rng.choice(tuple(DROP_BIAS))]
         keep[i] = False
         keep[i, (noise + bias * on_object[i]).topk(k).indices] = True
     return keep

@@ -32,6 +32,22 @@ def _top(score: torch.Tensor, request: SelectionRequest) -> torch.Tensor:
     return select_with_nms(score, request.probe_inputs.hidden, request.candidates, request.budgets, None)
 
 
+def top_by_visual_score(request: SelectionRequest, scores: list[torch.Tensor]) -> torch.Tensor:
+    """Keep each row's ``budgets[b]`` highest-scored candidates, the scores given per visual token.
+
+    Args:
+        scores: one (n_b,) tensor per row, n_b = that row's candidate count, in sequence order
+            (for diagnostics and tests that know which image tokens they want).
+    Returns:
+        (B, S) bool keep mask.
+    """
+    cand = request.candidates
+    score = torch.full(cand.shape, float("-inf"))
+    for row, row_scores in enumerate(scores):
+        score[row, cand[row]] = row_scores.float()
+    return _top(score, request)
+
+
 class RandomSelector:
     """Uniformly random visual tokens, seeded. The draw is indexed by a token's rank among its
     row's visual tokens, so a sample gets the same choice alone, in a batch, or recomputed."""
