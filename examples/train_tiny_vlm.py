@@ -87,6 +87,12 @@ def main() -> None:
     p.add_argument("--restart-schedule", action="store_true",
                    help="warm up and decay the learning rate from the step this invocation starts at, "
                         "not from 0 (resuming an interrupted run with this flag warms up again)")
+    p.add_argument("--text-layers", type=int, default=None,
+                   help="grow the LM to this many decoder layers (new layers start as exact identities, "
+                        "see shapes_vlm.deepen_language_model; AdamW's moments restart when it grows)")
+    p.add_argument("--question-weights", default="",
+                   help="e.g. 'color=3,presence=2': draw the question types of each sequence with these "
+                        "weights (1 for types not named) instead of one of each type in turn")
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--out", default=str(sv.ASSET_DIR))
@@ -106,6 +112,16 @@ def main() -> None:
         print(f"resuming at step {info['step']}")
     else:
         model = sv.build_model()
+    grown = sv.deepen_language_model(model, args.text_layers) if args.text_layers else 0
+    if grown:
+        print(f"added {grown} identity decoder layers: {args.text_layers} in all")
+    kind_weights = {}
+    for part in filter(None, args.question_weights.split(",")):
+        kind, _, weight = part.partition("=")
+        if kind not in sv.syn.QUESTION_TYPES or not weight.replace(".", "", 1).isdigit():
+            p.error(f"--question-weights: {part!r} is not TYPE=WEIGHT with TYPE one of "
+                    f"{', '.join(sv.syn.QUESTION_TYPES)} (e.g. color=3,presence=2)")
+        kind_weights[kind] = float(weight)
     model.train()
     aux_head = torch.nn.Linear(model.config.text_config.hidden_size, AUX_CLASSES[0] + AUX_CLASSES[1] + AUX_CLASSES[2])
     projected: list[torch.Tensor] = []
@@ -116,7 +132,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW([*model.parameters(), *aux_head.parameters()], lr=args.lr, weight_decay=0.01)
     opt_path, aux_path = state_dir / "optimizer.pt", state_dir / "aux_head.pt"
     if info["step"] > 0 and opt_path.exists():
-        optimizer.load_state_dict(torch.load(opt_path))
+        if not grown:  # new parameters: the saved moments no longer line up with the parameter list
+            optimizer.load_state_dict(torch.load(opt_path))
         aux_head.load_state_dict(torch.load(aux_path))
     processor = sv.build_processor()
     split = sv.eval_set(150, seed=VALIDATION_SEED)  # not the test split benchmarks/quality.py reports on
@@ -129,7 +146,8 @@ def main() -> None:
     while step < args.steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, start=start)
-        batch = sv.training_batch(rng, args.batch, curriculum(step, args.ramp), pairs=args.pairs)
+        batch = sv.training_batch(rng, args.batch, curriculum(step, args.ramp), pairs=args.pairs,
+                                  kind_weights=kind_weights or None)
         patch_labels = batch.pop("patch_labels")
         if args.drop:
             keep = sv.token_keep(patch_labels, rng, args.drop)

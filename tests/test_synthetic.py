@@ -130,3 +130,47 @@ def test_tokens_dropped_in_training_are_pruned_tokens():
         torch.testing.assert_close(thinned[row, text], pruned[0, -(n_valid - sv.N_VISUAL):], rtol=1e-4, atol=1e-5)
         if counts[row] < sv.N_VISUAL:  # and the thinning did change something
             assert not torch.allclose(thinned[row, text], untouched[row, text], atol=1e-4)
+
+
+def test_deepened_language_model_answers_as_before_and_trains_its_new_layers():
+    """Appended decoder layers start as exact identities (logits, cached generation unchanged)
+    and get gradients; shrinking is refused."""
+    import pytest
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+
+    model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
+    batch = sv.training_batch(random.Random(3), 2, 3, pairs=3)
+    batch.pop("patch_labels")
+    with torch.no_grad():
+        before = model(**batch).logits
+        prompt = batch["input_ids"][:1, : sv.N_VISUAL + 6]
+        pixels = batch["pixel_values"][:1]
+        generated = model.generate(input_ids=prompt, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+    assert sv.deepen_language_model(model, 4) == 2
+    assert model.config.text_config.num_hidden_layers == 4 == len(model.model.language_model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before)
+        again = model.generate(input_ids=prompt, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+    assert torch.equal(again, generated)
+    model.train()
+    model(**batch).loss.backward()
+    for layer in model.model.language_model.layers[2:]:
+        assert layer.self_attn.o_proj.weight.grad.abs().sum() > 0
+        assert layer.mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="only adds layers"):
+        sv.deepen_language_model(model, 3)
+
+
+def test_question_weights_change_the_mix_of_training_questions():
+    from pio_fvlm import shapes_vlm as sv
+
+    def color_share(**kwargs) -> float:
+        batch = sv.training_batch(random.Random(5), 4, 4, pairs=16, **kwargs)
+        words = [syn.VOCAB[int(t)] for t in batch["input_ids"].flatten()]
+        return words.count("color") / (4 * 16)
+
+    assert color_share() < 0.3  # one question of each type in turn
+    assert color_share(kind_weights={"color": 50.0}) > 0.8
+    assert color_share(kind_weights={"color": 0.0}) == 0

@@ -51,6 +51,31 @@ def build_model(seed: int = 0, vision_width: int = 128, vision_layers: int = 2, 
     return LlavaForConditionalGeneration(config)
 
 
+def deepen_language_model(model: Any, layers: int, seed: int = 0) -> int:
+    """Append decoder layers to the LM until it has ``layers``, each an exact identity at first
+    (zeroed attention-output and MLP-down projections: both residual branches add 0), so a
+    trained checkpoint keeps its answers and training goes on with more depth. Returns how many
+    layers were added (0 when it already has that many)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    text_config, stack = model.config.text_config, model.model.language_model.layers
+    have = len(stack)
+    if layers < have:
+        raise ValueError(f"the model has {have} decoder layers; deepen_language_model only adds layers")
+    torch.manual_seed(seed)
+    text_config.num_hidden_layers = layers
+    for index in range(have, layers):
+        layer = LlamaDecoderLayer(text_config, layer_idx=index)
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=text_config.initializer_range)
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+        ref = next(stack[0].parameters())
+        stack.append(layer.to(device=ref.device, dtype=ref.dtype))
+    return layers - have
+
+
 def build_processor() -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
@@ -76,7 +101,8 @@ def pixels(images: list[np.ndarray]) -> torch.Tensor:
     return (x - mean) / std
 
 
-def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int = 8) -> dict[str, torch.Tensor]:
+def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int = 8,
+                   kind_weights: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Teacher-forced sequences: image tokens, then ``pairs`` question/answer pairs, each pair
     seeing only the image and itself.
 
@@ -89,6 +115,9 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
     ``labels`` (B, L) (-100 except at answer tokens), ``pixel_values`` and ``patch_labels``
     (B, 3, 576): colour / shape / column class of each patch (0 = background), for the
     training script's auxiliary loss (pop it before calling the model).
+
+    ``kind_weights`` (question type -> weight, 1 for types not named) draws the pairs from a pool
+    of the scene's questions with these weights instead of taking them in rounds of one per type.
     """
     ids = word_ids()
     rows, label_rows, segment_rows, images, dense = [], [], [], [], []
@@ -100,6 +129,9 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
         qas: list[syn.QA] = []
         while len(qas) < pairs:
             qas += syn.questions(objects, rng)
+        if kind_weights is not None:
+            weights = [kind_weights.get(qa.kind, 1.0) for qa in qas]
+            qas = rng.choices(qas, weights=weights, k=pairs)
         rng.shuffle(qas)
         row = [ids[IMAGE_TOKEN]] * N_VISUAL
         labels = [-100] * N_VISUAL
