@@ -62,13 +62,13 @@ def deepen_language_model(model: Any, layers: int, seed: int = 0) -> int:
     have = len(stack)
     if layers < have:
         raise ValueError(f"the model has {have} decoder layers; deepen_language_model only adds layers")
-    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # not the global RNG: growing must not reseed training
     text_config.num_hidden_layers = layers
     for index in range(have, layers):
         layer = LlamaDecoderLayer(text_config, layer_idx=index)
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
-                torch.nn.init.normal_(module.weight, std=text_config.initializer_range)
+                torch.nn.init.normal_(module.weight, std=text_config.initializer_range, generator=gen)
         torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
         torch.nn.init.zeros_(layer.mlp.down_proj.weight)
         ref = next(stack[0].parameters())
