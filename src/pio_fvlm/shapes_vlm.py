@@ -64,6 +64,7 @@ def deepen_language_model(model: Any, layers: int, seed: int = 0) -> int:
         raise ValueError(f"the model has {have} decoder layers; deepen_language_model only adds layers")
     gen = torch.Generator().manual_seed(seed)  # not the global RNG: growing must not reseed training
     text_config.num_hidden_layers = layers
+    like = next(stack[0].parameters())  # new layers on the model's device and dtype
     for index in range(have, layers):
         layer = LlamaDecoderLayer(text_config, layer_idx=index)
         for module in layer.modules():
@@ -71,8 +72,7 @@ def deepen_language_model(model: Any, layers: int, seed: int = 0) -> int:
                 torch.nn.init.normal_(module.weight, std=text_config.initializer_range, generator=gen)
         torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
         torch.nn.init.zeros_(layer.mlp.down_proj.weight)
-        ref = next(stack[0].parameters())
-        stack.append(layer.to(device=ref.device, dtype=ref.dtype))
+        stack.append(layer.to(device=like.device, dtype=like.dtype))
     return layers - have
 
 
