@@ -43,21 +43,6 @@ def curriculum(step: int, ramp: int) -> int:
     return min(4, 1 + int(3 * step / ramp)) if step < ramp else 4
 
 
-AUX_CLASSES = (1 + 5, 1 + 3, 1 + 3)  # background + colours, shapes, columns
-
-
-def aux_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the three per-patch attributes.
-
-    Args:
-        logits: (B, 576, sum(AUX_CLASSES)) from the projected visual tokens.
-        labels: (B, 3, 576) class indices (0 = background).
-    """
-    parts = logits.split(AUX_CLASSES, dim=-1)
-    return sum(torch.nn.functional.cross_entropy(part.flatten(0, 1), labels[:, k].flatten())
-               for k, part in enumerate(parts)) / len(parts)
-
-
 def lr_at(step: int, total: int, peak: float, warmup: int = 200, start: int = 0) -> float:
     """Linear warmup from ``start``, then cosine down to a tenth of ``peak`` at ``total``."""
     step, total = step - start, total - start
@@ -77,6 +62,9 @@ def main() -> None:
                    help="weight of the auxiliary per-patch loss (colour, shape, column of the object under "
                         "each visual token, read from the projector's output by a linear head that is "
                         "discarded after training); 0 = answers only")
+    p.add_argument("--aux-balanced", action="store_true",
+                   help="object and background patches weigh half each in the auxiliary loss (else the "
+                        "background, most of the patches, dominates it)")
     p.add_argument("--ramp", type=int, default=1500,
                    help="steps of the curriculum (1 object first, 4 at most from this step on); when "
                         "resuming with a larger --steps, the curriculum does not start over")
@@ -90,6 +78,9 @@ def main() -> None:
     p.add_argument("--text-layers", type=int, default=None,
                    help="grow the LM to this many decoder layers (new layers start as exact identities, "
                         "see shapes_vlm.deepen_language_model; AdamW's moments restart when it grows)")
+    p.add_argument("--vision-layers", type=int, default=None,
+                   help="grow the CLIP tower to this many layers (new layers start as exact identities, "
+                        "see shapes_vlm.deepen_vision_tower; AdamW's moments restart when it grows)")
     p.add_argument("--question-weights", default="",
                    help="e.g. 'color=3,presence=2': draw the question types of each sequence with these "
                         "weights (1 for types not named) instead of one of each type in turn")
@@ -115,6 +106,10 @@ def main() -> None:
     grown = sv.deepen_language_model(model, args.text_layers) if args.text_layers else 0
     if grown:
         print(f"added {grown} identity decoder layers: {args.text_layers} in all")
+    grown_vision = sv.deepen_vision_tower(model, args.vision_layers) if args.vision_layers else 0
+    if grown_vision:
+        print(f"added {grown_vision} identity vision layers: {args.vision_layers} in all")
+    grown += grown_vision
     kind_weights = {}
     for part in filter(None, args.question_weights.split(",")):
         kind, _, weight = part.partition("=")
@@ -123,7 +118,7 @@ def main() -> None:
                     f"{', '.join(sv.syn.QUESTION_TYPES)} (e.g. color=3,presence=2)")
         kind_weights[kind] = float(weight)
     model.train()
-    aux_head = torch.nn.Linear(model.config.text_config.hidden_size, AUX_CLASSES[0] + AUX_CLASSES[1] + AUX_CLASSES[2])
+    aux_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(sv.PATCH_CLASSES))
     projected: list[torch.Tensor] = []
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.append(out))
     keep_columns: list[torch.Tensor] = []
@@ -157,7 +152,7 @@ def main() -> None:
         answer_loss = model(**batch).loss
         loss = answer_loss
         if args.aux:
-            aux = aux_loss(aux_head(projected[-1]), patch_labels)
+            aux = sv.patch_attribute_loss(aux_head(projected[-1]), patch_labels, balanced=args.aux_balanced)
             aux_losses.append(aux.item())
             loss = loss + args.aux * aux
         optimizer.zero_grad(set_to_none=True)

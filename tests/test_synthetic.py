@@ -174,3 +174,62 @@ def test_question_weights_change_the_mix_of_training_questions():
     assert color_share() < 0.3  # one question of each type in turn
     assert color_share(kind_weights={"color": 50.0}) > 0.8
     assert color_share(kind_weights={"color": 0.0}) == 0
+
+
+def test_deepened_vision_tower_answers_as_before_and_its_last_layer_is_read():
+    """Appended CLIP layers start as exact identities, LLaVA reads the new last one, they get
+    gradients; growing after the first forward, shrinking, or a model that reads an earlier
+    layer are refused with a clear error."""
+    import pytest
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+
+    def small() -> torch.nn.Module:
+        return sv.build_model(seed=4, vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
+
+    model, grown = small(), small()
+    assert sv.deepen_vision_tower(grown, 3) == 2
+    assert grown.config.vision_config.num_hidden_layers == 3 == len(grown.model.vision_tower.encoder.layers)
+    batch = sv.training_batch(random.Random(3), 2, 3, pairs=3)
+    batch.pop("patch_labels")
+    with torch.no_grad():
+        torch.testing.assert_close(grown(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+        grown.model.vision_tower.encoder.layers[-1].mlp.fc2.bias.add_(0.5)  # the new last layer is read
+        assert not torch.allclose(grown(**batch).logits, model(**batch).logits)
+    grown.train()
+    grown(**batch).loss.backward()
+    for layer in grown.model.vision_tower.encoder.layers[1:]:
+        assert layer.self_attn.out_proj.weight.grad.abs().sum() > 0
+        assert layer.mlp.fc2.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="first forward"):
+        sv.deepen_vision_tower(grown, 4)
+    fresh = small()
+    with pytest.raises(ValueError, match="only adds layers"):
+        sv.deepen_vision_tower(fresh, 0)
+    fresh.config.vision_feature_layer = -2
+    with pytest.raises(ValueError, match="not the last one"):
+        sv.deepen_vision_tower(fresh, 3)
+
+
+def test_balanced_patch_loss_weighs_object_patches_as_much_as_the_background():
+    import math
+
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+
+    labels = torch.zeros(2, 3, 576, dtype=torch.long)
+    labels[:, :, :20] = 1  # 20 of 576 patches per image on an object
+    logits = torch.zeros(2, 576, sum(sv.PATCH_CLASSES))
+    # sure of "background" everywhere: right on the background, badly wrong on the object patches
+    for start in (0, sv.PATCH_CLASSES[0], sv.PATCH_CLASSES[0] + sv.PATCH_CLASSES[1]):
+        logits[..., start] = 30.0
+    plain = sv.patch_attribute_loss(logits, labels).item()
+    balanced = sv.patch_attribute_loss(logits, labels, balanced=True).item()
+    assert math.isclose(plain, 30.0 * 20 / 576, rel_tol=1e-4)  # the object patches' share of the mean
+    assert math.isclose(balanced, 30.0 / 2, rel_tol=1e-4)  # half the weight, whatever their number
+    uniform = torch.zeros_like(logits)  # the same loss on every patch: both means agree
+    expected = sum(math.log(c) for c in sv.PATCH_CLASSES) / 3
+    assert math.isclose(sv.patch_attribute_loss(uniform, labels, balanced=True).item(), expected, rel_tol=1e-5)
+    assert math.isclose(sv.patch_attribute_loss(uniform, labels).item(), expected, rel_tol=1e-5)

@@ -51,6 +51,29 @@ def build_model(seed: int = 0, vision_width: int = 128, vision_layers: int = 2, 
     return LlavaForConditionalGeneration(config)
 
 
+def _append_identity_layers(stack: torch.nn.ModuleList, layers: int, make_layer: Callable[[int], torch.nn.Module],
+                            residual_outputs: Callable[[Any], list[torch.nn.Linear]], std: float,
+                            seed: int) -> int:
+    """Append ``make_layer(index)`` to ``stack`` until it holds ``layers``: weights normal(0, std)
+    from their own generator (growing must not reseed training), biases 0, and the projections
+    that write into the residual stream (``residual_outputs(layer)``) all 0, so each new
+    pre-norm layer is an exact identity at first. Returns how many were added."""
+    have = len(stack)
+    gen = torch.Generator().manual_seed(seed)
+    like = next(stack[0].parameters())  # new layers on the model's device and dtype
+    for index in range(have, layers):
+        layer = make_layer(index)
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=std, generator=gen)
+                if module.bias is not None:
+                    torch.nn.init.zeros_(module.bias)
+        for projection in residual_outputs(layer):
+            torch.nn.init.zeros_(projection.weight)
+        stack.append(layer.to(device=like.device, dtype=like.dtype))
+    return layers - have
+
+
 def deepen_language_model(model: Any, layers: int, seed: int = 0) -> int:
     """Append decoder layers to the LM until it has ``layers``, each an exact identity at first
     (zeroed attention-output and MLP-down projections: both residual branches add 0), so a
@@ -59,21 +82,40 @@ def deepen_language_model(model: Any, layers: int, seed: int = 0) -> int:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     text_config, stack = model.config.text_config, model.model.language_model.layers
-    have = len(stack)
-    if layers < have:
-        raise ValueError(f"the model has {have} decoder layers; deepen_language_model only adds layers")
-    gen = torch.Generator().manual_seed(seed)  # not the global RNG: growing must not reseed training
+    if layers < len(stack):
+        raise ValueError(f"the model has {len(stack)} decoder layers; deepen_language_model only adds layers")
     text_config.num_hidden_layers = layers
-    like = next(stack[0].parameters())  # new layers on the model's device and dtype
-    for index in range(have, layers):
-        layer = LlamaDecoderLayer(text_config, layer_idx=index)
-        for module in layer.modules():
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.normal_(module.weight, std=text_config.initializer_range, generator=gen)
-        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
-        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
-        stack.append(layer.to(device=like.device, dtype=like.dtype))
-    return layers - have
+    return _append_identity_layers(stack, layers, lambda index: LlamaDecoderLayer(text_config, layer_idx=index),
+                                   lambda layer: [layer.self_attn.o_proj, layer.mlp.down_proj],
+                                   text_config.initializer_range, seed)
+
+
+def deepen_vision_tower(model: Any, layers: int, seed: int = 0) -> int:
+    """Append CLIP encoder layers to the vision tower until it has ``layers``, each an exact
+    identity at first (zeroed attention-output and MLP-output projections), so a trained
+    checkpoint keeps its answers while its patches get more rounds of mixing (on the shapes
+    task, a patch inside an object must look at the object's edges to know its shape). The
+    model must read the last layer (``vision_feature_layer=-1``), which then is the new last
+    one. Returns how many layers were added."""
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)  # CLIPVisionModel wraps a CLIPVisionTransformer in some versions
+    vision_config, stack = model.config.vision_config, tower.encoder.layers
+    if layers < len(stack):
+        raise ValueError(f"the vision tower has {len(stack)} layers; deepen_vision_tower only adds layers")
+    if model.config.vision_feature_layer != -1:
+        raise ValueError(f"the model reads vision layer {model.config.vision_feature_layer}, not the last one: "
+                         "layers added at the end would not be used")
+    if getattr(model.model.vision_tower, "_output_capturing_hooks_installed", False):
+        # transformers records the tower's hidden states (which LLaVA reads) through hooks it puts on
+        # the layers at the first forward: layers added later would be left out
+        raise ValueError("deepen_vision_tower must run before the model's first forward: load the model "
+                         "again (from_pretrained) and grow it first")
+    vision_config.num_hidden_layers = layers
+    return _append_identity_layers(stack, layers, lambda index: CLIPEncoderLayer(vision_config),
+                                   lambda layer: [layer.self_attn.out_proj, layer.mlp.fc2],
+                                   vision_config.initializer_range, seed)
 
 
 def build_processor() -> Any:
@@ -169,6 +211,29 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
     position_ids = torch.arange(length).expand(batch, length) - first + torch.where(segment > 0, N_VISUAL, 0)
     return {"input_ids": input_ids, "attention_mask": visible.unsqueeze(1), "position_ids": position_ids,
             "labels": labels_t, "pixel_values": pixels(images), "patch_labels": torch.from_numpy(np.stack(dense))}
+
+
+PATCH_CLASSES = (1 + len(syn.COLORS), 1 + len(syn.SHAPES), 1 + syn.GRID)  # background + colours, shapes, columns
+
+
+def patch_attribute_loss(logits: torch.Tensor, labels: torch.Tensor, balanced: bool = False) -> torch.Tensor:
+    """The training script's auxiliary loss: mean cross-entropy of the three per-patch
+    attributes (colour, shape, column of the object under each visual token).
+
+    Args:
+        logits: (B, 576, sum(PATCH_CLASSES)), from the projected visual tokens by a linear head.
+        labels: (B, 3, 576) class indices, :func:`training_batch`'s ``patch_labels`` (0 = background).
+        balanced: object and background patches weigh half each. Unbalanced, the ~90 %
+            background patches (class 0, easy) dominate the mean, and a low loss hides that the
+            object patches' shape is poorly read.
+    """
+    on_object = (labels[:, 0] > 0).flatten().float()
+    weight = (on_object / on_object.sum().clamp(min=1) + (1 - on_object) / (1 - on_object).sum().clamp(min=1)) / 2
+    total = logits.new_zeros(())
+    for k, part in enumerate(logits.split(PATCH_CLASSES, dim=-1)):
+        per_patch = torch.nn.functional.cross_entropy(part.flatten(0, 1), labels[:, k].flatten(), reduction="none")
+        total = total + ((per_patch * weight).sum() if balanced else per_patch.mean())
+    return total / len(PATCH_CLASSES)
 
 
 # how a thinned sequence picks its tokens: top-k of uniform noise + this bias on object tokens
