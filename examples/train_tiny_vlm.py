@@ -81,6 +81,10 @@ def main() -> None:
     p.add_argument("--vision-layers", type=int, default=None,
                    help="grow the CLIP tower to this many layers (new layers start as exact identities, "
                         "see shapes_vlm.deepen_vision_tower; AdamW's moments restart when it grows)")
+    p.add_argument("--position-boost", type=float, default=0.0,
+                   help="add a 2-D sine-cosine code of this many times the patch embeddings' norm to the CLIP "
+                        "tower's patch position embeddings before training (shapes_vlm.boost_patch_positions; "
+                        "once: a resume does not add it again)")
     p.add_argument("--question-weights", default="",
                    help="e.g. 'color=3,presence=2': draw the question types of each sequence with these "
                         "weights (1 for types not named) instead of one of each type in turn")
@@ -110,6 +114,10 @@ def main() -> None:
     if grown_vision:
         print(f"added {grown_vision} identity vision layers: {args.vision_layers} in all")
     grown += grown_vision
+    if args.position_boost and "position_boost_at" not in info:
+        norm = sv.boost_patch_positions(model, args.position_boost)
+        info["position_boost_at"] = info["step"]  # saved with the weights: a resume must not add it twice
+        print(f"added a 2-D position code of norm {norm:.2f} to the patch position embeddings")
     kind_weights = {}
     for part in filter(None, args.question_weights.split(",")):
         kind, _, weight = part.partition("=")

@@ -233,3 +233,46 @@ def test_balanced_patch_loss_weighs_object_patches_as_much_as_the_background():
     expected = sum(math.log(c) for c in sv.PATCH_CLASSES) / 3
     assert math.isclose(sv.patch_attribute_loss(uniform, labels, balanced=True).item(), expected, rel_tol=1e-5)
     assert math.isclose(sv.patch_attribute_loss(uniform, labels).item(), expected, rel_tol=1e-5)
+
+
+def test_grid_sincos_similarity_depends_only_on_the_offset():
+    import pytest
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+
+    code = sv.grid_sincos(6, 16)
+    assert code.shape == (36, 16)
+
+    def at(row: int, col: int) -> torch.Tensor:
+        return code[row * 6 + col]
+
+    # the same offset (1, 2) from two different places, and the same place at two offsets
+    assert torch.isclose(at(0, 0) @ at(1, 2), at(3, 1) @ at(4, 3), atol=1e-5)
+    assert not torch.isclose(at(0, 0) @ at(1, 2), at(0, 0) @ at(2, 2), atol=1e-3)
+    assert torch.allclose(code.norm(dim=1), torch.full((36,), 8**0.5))  # dim / 2 unit sin-cos pairs
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sv.grid_sincos(6, 18)
+
+
+def test_boosted_patch_positions_add_the_scaled_grid_code_and_leave_cls_alone():
+    import random
+
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+    from pio_fvlm import synthetic as syn
+
+    model = sv.build_model(seed=2, vision_width=32, vision_layers=1, text_width=32, text_layers=1)
+    embeddings = model.model.vision_tower.embeddings
+    before = embeddings.position_embedding.weight.detach().clone()
+    norm = sv.boost_patch_positions(model, 0.5, seed=7)
+    added = embeddings.position_embedding.weight.detach() - before
+    assert torch.equal(added[0], torch.zeros(32))  # [CLS]
+    rng = random.Random(7)  # the patch embeddings' norm the code is scaled to, measured again
+    scenes = [syn.render(syn.random_scene(rng, rng.randint(1, 4)), rng) for _ in range(8)]
+    with torch.no_grad():
+        patch_norm = embeddings.patch_embedding(sv.pixels(scenes)).flatten(2).norm(dim=1).mean().item()
+    assert abs(norm - 0.5 * patch_norm) < 1e-4 * patch_norm
+    code = sv.grid_sincos(24, 32)
+    torch.testing.assert_close(added[1:], code / code.norm(dim=1, keepdim=True) * norm, rtol=1e-5, atol=1e-5)
