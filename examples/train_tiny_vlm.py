@@ -65,6 +65,13 @@ def main() -> None:
     p.add_argument("--aux-balanced", action="store_true",
                    help="object and background patches weigh half each in the auxiliary loss (else the "
                         "background, most of the patches, dominates it)")
+    p.add_argument("--aux-weights", default="1,1,1",
+                   help="weights of colour, shape and column in the auxiliary loss (e.g. 1,4,1: shape is "
+                        "the one a tiny tower learns last)")
+    p.add_argument("--vision-only", action="store_true",
+                   help="train only the vision tower and projector, on the auxiliary loss (no language-model "
+                        "forward: about half the cost of a step); a stage that teaches the tower to see shape "
+                        "before the whole model trains again")
     p.add_argument("--ramp", type=int, default=1500,
                    help="steps of the curriculum (1 object first, 4 at most from this step on); when "
                         "resuming with a larger --steps, the curriculum does not start over")
@@ -125,6 +132,11 @@ def main() -> None:
             p.error(f"--question-weights: {part!r} is not TYPE=WEIGHT with TYPE one of "
                     f"{', '.join(sv.syn.QUESTION_TYPES)} (e.g. color=3,presence=2)")
         kind_weights[kind] = float(weight)
+    aux_weights = tuple(float(w) for w in args.aux_weights.split(","))
+    if len(aux_weights) != 3:
+        p.error(f"--aux-weights: {args.aux_weights!r} is not three numbers (colour, shape, column), e.g. 1,4,1")
+    if args.vision_only and not args.aux:
+        p.error("--vision-only trains on the auxiliary loss alone: --aux must be > 0")
     model.train()
     aux_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(sv.PATCH_CLASSES))
     projected: list[torch.Tensor] = []
@@ -145,6 +157,7 @@ def main() -> None:
     print(f"{n_params / 1e6:.2f} M parameters; {args.steps - info['step']} steps to go")
 
     step, t0, losses, aux_losses = info["step"], time.time(), [], [0.0]
+    aux_accuracy: list[list[float]] = [[0.0, 0.0, 0.0]]
     start = step if args.restart_schedule else 0
     while step < args.steps:
         for group in optimizer.param_groups:
@@ -157,11 +170,16 @@ def main() -> None:
             text = torch.ones(keep.shape[0], batch["input_ids"].shape[1] - keep.shape[1], dtype=torch.bool)
             keep_columns[:] = [torch.cat([keep, text], dim=1)]  # the image comes first in every row
         projected.clear()
-        answer_loss = model(**batch).loss
-        loss = answer_loss
+        if args.vision_only:  # the tower and projector alone; the LM gets no gradient
+            model.model.get_image_features(pixel_values=batch["pixel_values"])
+            answer_loss = loss = torch.zeros(())
+        else:
+            answer_loss = loss = model(**batch).loss
         if args.aux:
-            aux = sv.patch_attribute_loss(aux_head(projected[-1]), patch_labels, balanced=args.aux_balanced)
+            aux_logits = aux_head(projected[-1])
+            aux = sv.patch_attribute_loss(aux_logits, patch_labels, balanced=args.aux_balanced, weights=aux_weights)
             aux_losses.append(aux.item())
+            aux_accuracy.append(sv.patch_attribute_accuracy(aux_logits.detach(), patch_labels))
             loss = loss + args.aux * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,7 +191,10 @@ def main() -> None:
             rate = (time.time() - t0) / 25
             t0 = time.time()
             aux_mean = sum(aux_losses[-25:]) / len(aux_losses[-25:])
+            # the auxiliary head on the training batches' object patches: is the tower seeing shape?
+            seen = [sum(a[k] for a in aux_accuracy[-25:]) / len(aux_accuracy[-25:]) for k in range(3)]
             print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} "
+                  f"(object patches: colour {seen[0]:.2f} shape {seen[1]:.2f} column {seen[2]:.2f}) "
                   f"objects<={curriculum(step, args.ramp)} {rate:.2f} s/step", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()

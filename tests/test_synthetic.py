@@ -276,3 +276,30 @@ def test_boosted_patch_positions_add_the_scaled_grid_code_and_leave_cls_alone():
     assert abs(norm - 0.5 * patch_norm) < 1e-4 * patch_norm
     code = sv.grid_sincos(24, 32)
     torch.testing.assert_close(added[1:], code / code.norm(dim=1, keepdim=True) * norm, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_loss_weights_and_object_patch_accuracy():
+    import math
+
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.zeros(2, 3, 576, dtype=torch.long)
+    labels[:, 0, :40], labels[:, 1, :40], labels[:, 2, :40] = 2, 3, 1  # 40 patches of a green triangle, left
+    logits = torch.randn(2, 576, sum(sv.PATCH_CLASSES), generator=gen)
+    colour, shape, column = logits.split(sv.PATCH_CLASSES, dim=-1)
+    shape_only = torch.nn.functional.cross_entropy(shape.flatten(0, 1), labels[:, 1].flatten())
+    assert math.isclose(sv.patch_attribute_loss(logits, labels, weights=(0.0, 1.0, 0.0)).item(), shape_only.item(),
+                        rel_tol=1e-5)
+    parts = [sv.patch_attribute_loss(logits, labels, weights=w).item() for w in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
+    weighted = sv.patch_attribute_loss(logits, labels, weights=(1.0, 4.0, 1.0)).item()
+    assert math.isclose(weighted, (parts[0] + 4 * parts[1] + parts[2]) / 6, rel_tol=1e-5)
+
+    # accuracy counts object patches only: right colour on all of them, right shape on a quarter
+    logits = torch.zeros(2, 576, sum(sv.PATCH_CLASSES))
+    logits[..., 2] = 5.0  # colour class 2 everywhere (wrong on the background, not counted)
+    logits[:, :10, sv.PATCH_CLASSES[0] + 3] = 5.0  # shape 3 on the first 10 of the 40 object patches
+    logits[:, :, sum(sv.PATCH_CLASSES[:2]) + 2] = 5.0  # column 2 everywhere: wrong on every object patch
+    assert sv.patch_attribute_accuracy(logits, labels) == [1.0, 0.25, 0.0]

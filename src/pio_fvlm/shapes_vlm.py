@@ -259,8 +259,9 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
 PATCH_CLASSES = (1 + len(syn.COLORS), 1 + len(syn.SHAPES), 1 + syn.GRID)  # background + colours, shapes, columns
 
 
-def patch_attribute_loss(logits: torch.Tensor, labels: torch.Tensor, balanced: bool = False) -> torch.Tensor:
-    """The training script's auxiliary loss: mean cross-entropy of the three per-patch
+def patch_attribute_loss(logits: torch.Tensor, labels: torch.Tensor, balanced: bool = False,
+                         weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """The training script's auxiliary loss: weighted mean cross-entropy of the three per-patch
     attributes (colour, shape, column of the object under each visual token).
 
     Args:
@@ -269,14 +270,25 @@ def patch_attribute_loss(logits: torch.Tensor, labels: torch.Tensor, balanced: b
         balanced: object and background patches weigh half each. Unbalanced, the ~90 %
             background patches (class 0, easy) dominate the mean, and a low loss hides that the
             object patches' shape is poorly read.
+        weights: of colour, shape and column (the loss divides by their sum). Colour is read
+            off one patch and column off its position; shape needs the patches of the whole
+            object, is learnt last, and may be given more weight.
     """
     on_object = (labels[:, 0] > 0).flatten().float()
     weight = (on_object / on_object.sum().clamp(min=1) + (1 - on_object) / (1 - on_object).sum().clamp(min=1)) / 2
     total = logits.new_zeros(())
     for k, part in enumerate(logits.split(PATCH_CLASSES, dim=-1)):
         per_patch = torch.nn.functional.cross_entropy(part.flatten(0, 1), labels[:, k].flatten(), reduction="none")
-        total = total + ((per_patch * weight).sum() if balanced else per_patch.mean())
-    return total / len(PATCH_CLASSES)
+        total = total + weights[k] * ((per_patch * weight).sum() if balanced else per_patch.mean())
+    return total / sum(weights)
+
+
+def patch_attribute_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Accuracy of the auxiliary head's colour, shape and column on the patches that lie on an
+    object (the background is easy and most of the image); shapes as :func:`patch_attribute_loss`."""
+    on_object = labels[:, 0] > 0
+    return [float((part.argmax(-1) == labels[:, k])[on_object].float().mean())
+            for k, part in enumerate(logits.split(PATCH_CLASSES, dim=-1))]
 
 
 # how a thinned sequence picks its tokens: top-k of uniform noise + this bias on object tokens
