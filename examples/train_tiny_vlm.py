@@ -9,6 +9,15 @@
                                   # of half the sequences from decoder layer 1 on (the shipped
                                   # checkpoint's last run; see docs/quality.md)
 
+Stages for a model that must bind attributes (docs/quality.md has the measured history):
+
+    --vision-layers 4 --position-boost 1.0   # a deeper tower, and a 2-D position code at the
+                                             # patches' scale (once per checkpoint)
+    --vision-only --aux-balanced --aux-weights 1,4,1   # tower + projector on the per-patch loss
+                                             # alone, ~1 s/step: shape read off every object patch
+    --focus 1.0 --focus-layer 2 --focus-head 0   # attention supervision: one head looks at the
+                                             # object the question names (colour questions)
+
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
 optimizer state goes to ``--state-dir`` (not committed); without it a resume restarts AdamW's
@@ -95,6 +104,11 @@ def main() -> None:
     p.add_argument("--question-weights", default="",
                    help="e.g. 'color=3,presence=2': draw the question types of each sequence with these "
                         "weights (1 for types not named) instead of one of each type in turn")
+    p.add_argument("--focus", type=float, default=0.0,
+                   help="weight of an attention-supervision loss: one head (--focus-layer, --focus-head) "
+                        "learns to look at the object a question names (teaches colour questions' binding)")
+    p.add_argument("--focus-layer", type=int, default=2)
+    p.add_argument("--focus-head", type=int, default=0)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--out", default=str(sv.ASSET_DIR))
@@ -141,6 +155,15 @@ def main() -> None:
     aux_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(sv.PATCH_CLASSES))
     projected: list[torch.Tensor] = []
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.append(out))
+    focus_inputs: list[dict] = []
+    if args.focus:
+        if args.vision_only:
+            p.error("--focus trains the LM's attention: it cannot go with --vision-only")
+        layers = model.model.language_model.layers
+        if not 0 <= args.focus_layer < len(layers):
+            p.error(f"--focus-layer must be in [0, {len(layers) - 1}]")
+        layers[args.focus_layer].self_attn.register_forward_pre_hook(
+            lambda m, a, kw: focus_inputs.append(kw), with_kwargs=True)
     keep_columns: list[torch.Tensor] = []
     if args.drop:
         sv.hide_dropped_tokens(model.model.language_model.layers, args.drop_layer, keep_columns)
@@ -156,7 +179,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f} M parameters; {args.steps - info['step']} steps to go")
 
-    step, t0, losses, aux_losses = info["step"], time.time(), [], [0.0]
+    step, t0, losses, aux_losses, focus_losses = info["step"], time.time(), [], [0.0], [0.0]
     aux_accuracy: list[list[float]] = [[0.0, 0.0, 0.0]]
     start = step if args.restart_schedule else 0
     while step < args.steps:
@@ -164,17 +187,29 @@ def main() -> None:
             group["lr"] = lr_at(step, args.steps, args.lr, start=start)
         batch = sv.training_batch(rng, args.batch, curriculum(step, args.ramp), pairs=args.pairs,
                                   kind_weights=kind_weights or None)
-        patch_labels = batch.pop("patch_labels")
+        targets = sv.pop_targets(batch)
+        patch_labels, focus_query, focus_tokens = (targets[name] for name in sv.TRAINING_TARGETS)
         if args.drop:
             keep = sv.token_keep(patch_labels, rng, args.drop)
             text = torch.ones(keep.shape[0], batch["input_ids"].shape[1] - keep.shape[1], dtype=torch.bool)
             keep_columns[:] = [torch.cat([keep, text], dim=1)]  # the image comes first in every row
+            if args.drop_layer <= args.focus_layer:  # hidden tokens cannot be looked at
+                focus_tokens &= keep[:, None, :]
         projected.clear()
+        focus_inputs.clear()
         if args.vision_only:  # the tower and projector alone; the LM gets no gradient
             model.model.get_image_features(pixel_values=batch["pixel_values"])
             answer_loss = loss = torch.zeros(())
         else:
             answer_loss = loss = model(**batch).loss
+        if args.focus:
+            kw = focus_inputs[-1]
+            weights = sv.head_attention(model.model.language_model.layers[args.focus_layer].self_attn,
+                                        kw["hidden_states"], kw["position_embeddings"], kw["attention_mask"],
+                                        args.focus_head, focus_query)
+            focus = sv.focus_loss(weights, focus_query, focus_tokens)
+            focus_losses.append(focus.item())
+            loss = loss + args.focus * focus
         if args.aux:
             aux_logits = aux_head(projected[-1])
             aux = sv.patch_attribute_loss(aux_logits, patch_labels, balanced=args.aux_balanced, weights=aux_weights)
@@ -193,7 +228,8 @@ def main() -> None:
             aux_mean = sum(aux_losses[-25:]) / len(aux_losses[-25:])
             # the auxiliary head on the training batches' object patches: is the tower seeing shape?
             seen = [sum(a[k] for a in aux_accuracy[-25:]) / len(aux_accuracy[-25:]) for k in range(3)]
-            print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} "
+            focus_mean = sum(focus_losses[-25:]) / len(focus_losses[-25:])
+            print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} focus {focus_mean:.3f} "
                   f"(object patches: colour {seen[0]:.2f} shape {seen[1]:.2f} column {seen[2]:.2f}) "
                   f"objects<={curriculum(step, args.ramp)} {rate:.2f} s/step", flush=True)
         if step % args.eval_every == 0 or step == args.steps:

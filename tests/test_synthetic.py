@@ -38,7 +38,7 @@ def test_packed_training_pairs_see_only_the_image_and_themselves():
 
     model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
     batch = sv.training_batch(random.Random(0), 2, 3, pairs=5)
-    batch.pop("patch_labels")
+    sv.pop_targets(batch)
     labels = batch.pop("labels")
     with torch.no_grad():
         packed = model(**batch).logits
@@ -98,7 +98,7 @@ def test_tokens_dropped_in_training_are_pruned_tokens():
 
     model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=3)
     batch = sv.training_batch(random.Random(0), 3, 3, pairs=1)
-    patch_labels = batch.pop("patch_labels")
+    patch_labels = sv.pop_targets(batch)["patch_labels"]
     batch.pop("labels")
     keep = sv.token_keep(patch_labels, random.Random(1), share=1.0)
     counts = keep.sum(1)
@@ -142,7 +142,7 @@ def test_deepened_language_model_answers_as_before_and_trains_its_new_layers():
 
     model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
     batch = sv.training_batch(random.Random(3), 2, 3, pairs=3)
-    batch.pop("patch_labels")
+    sv.pop_targets(batch)
     with torch.no_grad():
         before = model(**batch).logits
         prompt = batch["input_ids"][:1, : sv.N_VISUAL + 6]
@@ -192,7 +192,7 @@ def test_deepened_vision_tower_answers_as_before_and_its_last_layer_is_read():
     assert sv.deepen_vision_tower(grown, 3) == 2
     assert grown.config.vision_config.num_hidden_layers == 3 == len(grown.model.vision_tower.encoder.layers)
     batch = sv.training_batch(random.Random(3), 2, 3, pairs=3)
-    batch.pop("patch_labels")
+    sv.pop_targets(batch)
     with torch.no_grad():
         torch.testing.assert_close(grown(**batch).logits, model(**batch).logits, rtol=0, atol=0)
         grown.model.vision_tower.encoder.layers[-1].mlp.fc2.bias.add_(0.5)  # the new last layer is read
@@ -303,3 +303,65 @@ def test_patch_loss_weights_and_object_patch_accuracy():
     logits[:, :10, sv.PATCH_CLASSES[0] + 3] = 5.0  # shape 3 on the first 10 of the 40 object patches
     logits[:, :, sum(sv.PATCH_CLASSES[:2]) + 2] = 5.0  # column 2 everywhere: wrong on every object patch
     assert sv.patch_attribute_accuracy(logits, labels) == [1.0, 0.25, 0.0]
+
+
+def test_focus_targets_and_recomputed_head_attention_match_the_model():
+    """``--focus`` supervises one head's attention at the answer position: the targets are the
+    tokens of the object the question names, and the weights recomputed from the layer's inputs
+    (any backend) are the ones eager attention returns, hidden tokens included."""
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+
+    batch = sv.training_batch(random.Random(2), 3, 4, pairs=6)
+    targets = sv.pop_targets(batch)
+    query, tokens = targets["focus_query"], targets["focus_tokens"]
+    ids, words = batch["input_ids"], {v: k for k, v in sv.word_ids().items()}
+    colour_of = {i + 1: c for i, c in enumerate(syn.COLORS)}
+    shape_of = {i + 1: s for i, s in enumerate(syn.SHAPES)}
+    checked = 0
+    for b, p in (query >= 0).nonzero().tolist():
+        q = int(query[b, p])
+        assert words[int(ids[b, q])] == "answer" and batch["labels"][b, q + 1] != -100
+        start = q - 1
+        while int(batch["position_ids"][b, start]) != sv.N_VISUAL:
+            start -= 1
+        question = {words[int(t)] for t in ids[b, start:q]}
+        on = tokens[b, p]
+        assert on.any()
+        # every focus token lies on an object with the question's colour / shape words
+        for k, names in ((0, colour_of), (1, shape_of)):
+            seen = {names[int(c)] for c in targets["patch_labels"][b, k][on].unique()}
+            named = question & set(names.values())
+            assert not named or seen == named
+        checked += 1
+    assert checked >= 6
+    counting = [(b, p) for b, p in (query < 0).nonzero().tolist()]
+    assert all(not tokens[b, p].any() for b, p in counting)
+
+    model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=3)
+    model.set_attn_implementation("eager")
+    keep = sv.token_keep(targets["patch_labels"], random.Random(1), share=1.0)
+    columns: list[torch.Tensor] = []
+    sv.hide_dropped_tokens(model.model.language_model.layers, 1, columns)
+    columns.append(torch.cat([keep, torch.ones(3, ids.shape[1] - sv.N_VISUAL, dtype=torch.bool)], dim=1))
+    captured: list[dict] = []
+    attention = model.model.language_model.layers[2].self_attn
+    attention.register_forward_pre_hook(lambda m, a, kw: captured.append(kw), with_kwargs=True)
+    mask = batch.pop("attention_mask")
+    # eager attention adds the mask: pass it additive, as the bool one would be read wrongly
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    model.train()
+    with torch.no_grad():
+        out = model(**batch, attention_mask=additive, output_attentions=True)
+        kw = captured[-1]
+        weights = sv.head_attention(attention, kw["hidden_states"], kw["position_embeddings"],
+                                    kw["attention_mask"], 1, query)
+    eager = out.attentions[2][:, 1]  # (B, L, L)
+    for b, p in (query >= 0).nonzero().tolist():
+        torch.testing.assert_close(weights[b, p], eager[b, int(query[b, p])], rtol=1e-4, atol=1e-6)
+        assert (weights[b, p, : sv.N_VISUAL][~keep[b]] == 0).all()  # hidden tokens get nothing
+    loss = sv.focus_loss(weights, query, tokens & keep[:, None, :])
+    use = (query >= 0) & (tokens & keep[:, None, :]).any(-1)
+    mass = (weights[..., : sv.N_VISUAL] * (tokens & keep[:, None, :])).sum(-1)[use]
+    torch.testing.assert_close(loss, -(mass + 1e-6).log().mean())

@@ -199,18 +199,24 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
     Returns ``input_ids`` (B, L), ``attention_mask`` (B, 1, L, L) bool, ``position_ids`` (B, L),
     ``labels`` (B, L) (-100 except at answer tokens), ``pixel_values`` and ``patch_labels``
     (B, 3, 576): colour / shape / column class of each patch (0 = background), for the
-    training script's auxiliary loss (pop it before calling the model).
+    training script's auxiliary loss, ``focus_query`` (B, pairs) the position where each pair's
+    answer is predicted (-1 for counting and "no" questions: nothing to look at) and
+    ``focus_tokens`` (B, pairs, 576) bool, the visual tokens of the objects it asks about, for
+    :func:`focus_loss` (:func:`pop_targets` takes these three out before calling the model).
 
     ``kind_weights`` (question type -> weight, 1 for types not named) draws the pairs from a pool
     of the scene's questions with these weights instead of taking them in rounds of one per type.
     """
     ids = word_ids()
     rows, label_rows, segment_rows, images, dense = [], [], [], [], []
-    for _ in range(batch):
+    focus_query = torch.full((batch, pairs), -1, dtype=torch.long)
+    focus_tokens = torch.zeros(batch, pairs, N_VISUAL, dtype=torch.bool)
+    for b in range(batch):
         objects = syn.random_scene(rng, rng.randint(1, max_objects))
         image, owner = syn.render_with_owner(objects, rng)
         images.append(image)
         dense.append(syn.patch_labels(objects, owner))
+        token_owner = torch.from_numpy(syn.patch_owner(owner))
         qas: list[syn.QA] = []
         while len(qas) < pairs:
             qas += syn.questions(objects, rng)
@@ -228,6 +234,11 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
             segments += [k] * len(words)
             # predict the answer at the position of "answer" (labels are shifted by the model)
             labels[len(row) - 2] = ids[qa.answer]
+            if qa.kind != "count":  # counting looks at every object: no single place to look
+                about = syn.question_objects(qa, objects)
+                if about:
+                    focus_query[b, k - 1] = len(row) - 3  # the "answer" token, where it is predicted
+                    focus_tokens[b, k - 1] = torch.isin(token_owner, torch.tensor(about))
         rows.append(row)
         label_rows.append(labels)
         segment_rows.append(segments)
@@ -253,7 +264,17 @@ def training_batch(rng: random.Random, batch: int, max_objects: int, pairs: int 
             first[i, j] = start
     position_ids = torch.arange(length).expand(batch, length) - first + torch.where(segment > 0, N_VISUAL, 0)
     return {"input_ids": input_ids, "attention_mask": visible.unsqueeze(1), "position_ids": position_ids,
-            "labels": labels_t, "pixel_values": pixels(images), "patch_labels": torch.from_numpy(np.stack(dense))}
+            "labels": labels_t, "pixel_values": pixels(images), "patch_labels": torch.from_numpy(np.stack(dense)),
+            "focus_query": focus_query, "focus_tokens": focus_tokens}
+
+
+TRAINING_TARGETS = ("patch_labels", "focus_query", "focus_tokens")
+
+
+def pop_targets(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Take the training script's extra targets (:data:`TRAINING_TARGETS`) out of a
+    :func:`training_batch`, leaving what the model takes."""
+    return {name: batch.pop(name) for name in TRAINING_TARGETS}
 
 
 PATCH_CLASSES = (1 + len(syn.COLORS), 1 + len(syn.SHAPES), 1 + syn.GRID)  # background + colours, shapes, columns
@@ -289,6 +310,53 @@ def patch_attribute_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> list
     on_object = labels[:, 0] > 0
     return [float((part.argmax(-1) == labels[:, k])[on_object].float().mean())
             for k, part in enumerate(logits.split(PATCH_CLASSES, dim=-1))]
+
+
+def head_attention(attention: torch.nn.Module, hidden: torch.Tensor,
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                   mask: torch.Tensor, head: int, query: torch.Tensor) -> torch.Tensor:
+    """One Llama attention head's weights at chosen query positions, recomputed from the layer's
+    inputs (any attention backend: the fused ones do not return weights).
+
+    Args:
+        attention: a ``LlamaAttention`` (q_proj, k_proj, head_dim).
+        hidden: (B, L, D) its input; ``position_embeddings`` the (cos, sin) it gets.
+        mask: (B, 1, L, L) bool (True = may attend) or additive float.
+        query: (B, P) positions, -1 for none (their rows come out uniform and must be ignored).
+    Returns: (B, P, L) attention weights of head ``head``.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, length, _ = hidden.shape
+    dim = attention.head_dim
+    kv_head = head // (attention.q_proj.out_features // attention.k_proj.out_features)
+    q = attention.q_proj(hidden).view(b, length, -1, dim)[:, :, head : head + 1].transpose(1, 2)
+    k = attention.k_proj(hidden).view(b, length, -1, dim)[:, :, kv_head : kv_head + 1].transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+    rows = query.clamp(min=0)
+    q_rows = q[:, 0].gather(1, rows[..., None].expand(-1, -1, dim))  # (B, P, dim)
+    scores = q_rows @ k[:, 0].transpose(1, 2) / math.sqrt(dim)  # (B, P, L)
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
+    allowed = allowed.gather(1, rows[..., None].expand(-1, -1, length))
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+def focus_loss(weights: torch.Tensor, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Attention supervision for the training script's ``--focus``: minus the log of the weight a
+    head puts on the visual tokens of the object a question asks about, at the position where
+    the answer is predicted (a head that finds the object named in the question; without it the
+    tiny LM answers colour questions with any colour in the image).
+
+    Args:
+        weights: (B, P, L) from :func:`head_attention` (the image's 576 tokens come first).
+        query: (B, P), -1 where the pair has no object to look at.
+        tokens: (B, P, 576) bool, the object's tokens (those the sequence kept).
+    """
+    use = (query >= 0) & tokens.any(-1)
+    if not use.any():
+        return weights.new_zeros(())
+    on_object = (weights[..., : tokens.shape[-1]] * tokens).sum(-1)
+    return -(on_object[use] + 1e-6).log().mean()
 
 
 # how a thinned sequence picks its tokens: top-k of uniform noise + this bias on object tokens
@@ -329,9 +397,13 @@ def hide_dropped_tokens(layers: torch.nn.ModuleList, first: int, keep_columns: l
     def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if not module.training:  # evaluation sees every token
             return args, kwargs
-        mask = kwargs["attention_mask"]  # (B, 1, L, L) bool, from training_batch
+        mask = kwargs["attention_mask"]  # (B, 1, L, L), from training_batch: bool, or additive (eager)
         eye = torch.eye(mask.shape[-1], dtype=torch.bool)
-        kwargs["attention_mask"] = mask & (keep_columns[-1][:, None, None, :] | eye)
+        visible = keep_columns[-1][:, None, None, :] | eye
+        if mask.dtype == torch.bool:
+            kwargs["attention_mask"] = mask & visible
+        else:
+            kwargs["attention_mask"] = mask.masked_fill(~visible, torch.finfo(mask.dtype).min)
         return args, kwargs
 
     for layer in layers[first:]:
