@@ -163,7 +163,7 @@ def main() -> None:
         if not 0 <= args.focus_layer < len(layers):
             p.error(f"--focus-layer must be in [0, {len(layers) - 1}]")
         layers[args.focus_layer].self_attn.register_forward_pre_hook(
-            lambda m, a, kw: focus_inputs.append(kw), with_kwargs=True)
+            lambda m, a, kw: focus_inputs.append(kw) if m.training else None, with_kwargs=True)
     keep_columns: list[torch.Tensor] = []
     if args.drop:
         sv.hide_dropped_tokens(model.model.language_model.layers, args.drop_layer, keep_columns)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import synthetic as syn
+from .select.baselines import attention_rows
 
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny-llava-shapes"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -316,29 +317,19 @@ def head_attention(attention: torch.nn.Module, hidden: torch.Tensor,
                    position_embeddings: tuple[torch.Tensor, torch.Tensor],
                    mask: torch.Tensor, head: int, query: torch.Tensor) -> torch.Tensor:
     """One Llama attention head's weights at chosen query positions, recomputed from the layer's
-    inputs (any attention backend: the fused ones do not return weights).
+    inputs (:func:`pio_fvlm.select.baselines.attention_rows`: any attention backend).
 
     Args:
-        attention: a ``LlamaAttention`` (q_proj, k_proj, head_dim).
+        attention: a ``LlamaAttention``.
         hidden: (B, L, D) its input; ``position_embeddings`` the (cos, sin) it gets.
         mask: (B, 1, L, L) bool (True = may attend) or additive float.
-        query: (B, P) positions, -1 for none (their rows come out uniform and must be ignored).
+        query: (B, P) positions, -1 for none (their rows are those of position 0: ignore them).
     Returns: (B, P, L) attention weights of head ``head``.
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    b, length, _ = hidden.shape
-    dim = attention.head_dim
-    kv_head = head // (attention.q_proj.out_features // attention.k_proj.out_features)
-    q = attention.q_proj(hidden).view(b, length, -1, dim)[:, :, head : head + 1].transpose(1, 2)
-    k = attention.k_proj(hidden).view(b, length, -1, dim)[:, :, kv_head : kv_head + 1].transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
     rows = query.clamp(min=0)
-    q_rows = q[:, 0].gather(1, rows[..., None].expand(-1, -1, dim))  # (B, P, dim)
-    scores = q_rows @ k[:, 0].transpose(1, 2) / math.sqrt(dim)  # (B, P, L)
     allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-    allowed = allowed.gather(1, rows[..., None].expand(-1, -1, length))
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    allowed = allowed.gather(1, rows[..., None].expand(-1, -1, hidden.shape[1]))
+    return attention_rows(attention, hidden, position_embeddings, rows, allowed)[:, head]
 
 
 def focus_loss(weights: torch.Tensor, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,31 @@ class PoolingSelector:
         return keep, new_hidden
 
 
+def attention_rows(attn: Any, xn: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                   rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """A Llama-style attention layer's weights for a few query rows, recomputed from its own
+    projections and rotary (any attention backend: the fused ones return no weights).
+
+    Args:
+        attn: the layer's ``self_attn`` (q_proj, k_proj, head_dim, scaling, num_key_value_groups).
+        xn: (B, S, D) the attention's input (after the layer's input norm).
+        position_embeddings: (cos, sin), each (B or 1, S, hd).
+        rows: (B, P) the query positions.
+        allowed: (B, P or 1, S) bool, the keys each query may see.
+    Returns: (B, H, P, S) float attention weights.
+    """
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    b, s, _ = xn.shape
+    hd = attn.head_dim
+    q = attn.q_proj(gather_tokens(xn, rows)).view(b, rows.shape[1], -1, hd).transpose(1, 2)
+    k = attn.k_proj(xn).view(b, s, -1, hd).transpose(1, 2)
+    cos, sin = position_embeddings
+    q = rotary(q, q, gather_tokens(cos, rows), gather_tokens(sin, rows))[0]
+    k = rotary(k, k, cos, sin)[0].repeat_interleave(attn.num_key_value_groups, dim=1)
+    scores = (q @ k.transpose(2, 3)).float() * attn.scaling  # (B, H, P, S)
+    return scores.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(-1)
+
+
 class FastVSelector:
     """FastV: the attention the last prompt token pays to each visual token, averaged over
     heads, at the prune layer (FastV prunes after layer 2: use ``wrap(..., layer=2)``).
@@ -138,21 +163,12 @@ class FastVSelector:
         attn: Any = getattr(layer, "self_attn", None)
         if attn is None or inp.position_embeddings is None:
             raise ValueError("FastVSelector needs a Llama-style attention layer with rotary position embeddings")
-        rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         b, s, _ = inp.hidden.shape
         last = inp.query_positions[:, -1:] + (0 if request.config.proxy_includes_last else 1)
         last = last.clamp(max=s - 1)
-        xn = layer.input_layernorm(inp.hidden)
-        hd = attn.head_dim
-        q = attn.q_proj(gather_tokens(xn, last)).view(b, 1, -1, hd).transpose(1, 2)
-        k = attn.k_proj(xn).view(b, s, -1, hd).transpose(1, 2)
-        cos, sin = inp.position_embeddings
-        q = rotary(q, q, gather_tokens(cos, last), gather_tokens(sin, last))[0]
-        k = rotary(k, k, cos, sin)[0].repeat_interleave(attn.num_key_value_groups, dim=1)
-        scores = (q @ k.transpose(2, 3)).float() * attn.scaling  # (B, H, 1, S)
-        scores = scores.masked_fill(~inp.valid.view(b, 1, 1, s), float("-inf"))
-        probs = scores.softmax(-1).mean(1).squeeze(1)  # (B, S)
-        return _top(probs, request)
+        probs = attention_rows(attn, layer.input_layernorm(inp.hidden), inp.position_embeddings,
+                               last, inp.valid.view(b, 1, s))
+        return _top(probs.mean(1).squeeze(1), request)  # heads averaged: (B, S)
 
 
 class DartSelector:
