@@ -1,0 +1,61 @@
+"""The training script's one-run recipe (``--vision-first`` / ``--freeze-tower``), run for a few
+tiny steps in a subprocess: which parts each stage trains, and that a resume continues it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_vlm.py"
+
+
+def _train(out: Path, steps: int, *extra: str) -> None:
+    args = [sys.executable, str(SCRIPT), "--out", str(out / "model"), "--state-dir", str(out / "state"),
+            "--steps", str(steps), "--batch", "2", "--pairs", "2", "--eval-every", "1000", "--save-every", "1",
+            "--vision-first", "2", "--vision-layers", "3", "--freeze-tower", "--focus", "1.0", "--drop", "0.5",
+            *extra]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _load(folder: Path) -> torch.nn.Module:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(folder)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return _load(folder).state_dict()
+
+
+def _tower_layers(folder: Path) -> torch.nn.ModuleList:
+    tower = _load(folder).model.vision_tower
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], part: str) -> set[str]:
+    return {name for name in before if part in name and not torch.equal(before[name], after[name])}
+
+
+def test_vision_first_trains_the_tower_then_the_language_model_with_the_tower_frozen(tmp_path: Path) -> None:
+    from pio_fvlm import shapes_vlm as sv
+
+    fresh = sv.build_model(vision_layers=3).state_dict()
+    _train(tmp_path, 2)  # the vision-only stage: steps 0 and 1
+    first = _weights(tmp_path / "model")
+    assert len(_tower_layers(tmp_path / "model")) == 3  # built with 3 random layers, not grown
+    assert _changed(fresh, first, "vision_tower"), "the vision-only stage did not train the tower"
+    assert _changed(fresh, first, "multi_modal_projector"), "the vision-only stage did not train the projector"
+    assert not _changed(fresh, first, "language_model"), "the vision-only stage changed the language model"
+
+    _train(tmp_path, 3)  # resumes at step 2: the joint stage, tower frozen
+    second = _weights(tmp_path / "model")
+    assert not _changed(first, second, "vision_tower"), "--freeze-tower let the tower change"
+    assert _changed(first, second, "multi_modal_projector")
+    assert _changed(first, second, "language_model"), "the joint stage did not train the language model"
+    info = json.loads((tmp_path / "model" / "training_state.json").read_text())
+    assert info["step"] == 3 and [run["from_step"] for run in info["runs"]] == [0, 2]
