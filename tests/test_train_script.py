@@ -28,15 +28,6 @@ def _load(folder: Path) -> torch.nn.Module:
     return LlavaForConditionalGeneration.from_pretrained(folder)
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    return _load(folder).state_dict()
-
-
-def _tower_layers(folder: Path) -> torch.nn.ModuleList:
-    tower = _load(folder).model.vision_tower
-    return getattr(tower, "vision_model", tower).encoder.layers
-
-
 def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], part: str) -> set[str]:
     return {name for name in before if part in name and not torch.equal(before[name], after[name])}
 
@@ -46,14 +37,16 @@ def test_vision_first_trains_the_tower_then_the_language_model_with_the_tower_fr
 
     fresh = sv.build_model(vision_layers=3).state_dict()
     _train(tmp_path, 2)  # the vision-only stage: steps 0 and 1
-    first = _weights(tmp_path / "model")
-    assert len(_tower_layers(tmp_path / "model")) == 3  # built with 3 random layers, not grown
+    model = _load(tmp_path / "model")
+    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+    assert len(tower.encoder.layers) == 3  # built with 3 random layers, not grown
+    first = model.state_dict()
     assert _changed(fresh, first, "vision_tower"), "the vision-only stage did not train the tower"
     assert _changed(fresh, first, "multi_modal_projector"), "the vision-only stage did not train the projector"
     assert not _changed(fresh, first, "language_model"), "the vision-only stage changed the language model"
 
     _train(tmp_path, 3)  # resumes at step 2: the joint stage, tower frozen
-    second = _weights(tmp_path / "model")
+    second = _load(tmp_path / "model").state_dict()
     assert not _changed(first, second, "vision_tower"), "--freeze-tower let the tower change"
     assert _changed(first, second, "multi_modal_projector")
     assert _changed(first, second, "language_model"), "the joint stage did not train the language model"
