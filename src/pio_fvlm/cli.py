@@ -95,12 +95,7 @@ def demo(argv: list[str]) -> int:
     print(f"kept tokens of the last question drawn over the image: {args.out}")
 
     if args.eval:
-        split = sv.eval_set(args.eval)
-        full_acc = sv.evaluate(model, split)["all"]
-        wrap(model, budget=args.budget)
-        pruned_acc = sv.evaluate(model, split)["all"]
-        unwrap(model)
-        blank_acc = sv.evaluate(model, split, blank=True)["all"]
+        full_acc, pruned_acc, blank_acc = sv.demo_accuracy(model, args.eval, args.budget)
         print(f"held-out accuracy on {args.eval} questions: all tokens {full_acc:.1%}, {args.budget} kept "
               f"{pruned_acc:.1%}, blank image {blank_acc:.1%} (the answer prior)")
     return 0

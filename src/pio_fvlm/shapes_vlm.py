@@ -465,3 +465,19 @@ def evaluate(model: Any, split: list[EvalItem], batch: int = 16, blank: bool = F
             for key in ("all", qa.kind, f"objects={len(objects)}"):
                 hits.setdefault(key, []).append(ok)
     return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+
+
+def demo_accuracy(model: Any, n: int = 100, budget: int = 64) -> tuple[float, float, float]:
+    """Accuracy on the first ``n`` test questions with all tokens, with PIO-FVLM keeping
+    ``budget`` visual tokens, and on blank images (the answer prior): what ``pio-fvlm demo``
+    prints. The model is left unwrapped."""
+    from .api import unwrap, wrap
+
+    split = eval_set(n)
+    full = evaluate(model, split)["all"]
+    wrap(model, budget=budget)
+    try:
+        pruned = evaluate(model, split)["all"]
+    finally:
+        unwrap(model)
+    return full, pruned, evaluate(model, split, blank=True)["all"]
