@@ -1,0 +1,50 @@
+"""examples/probe_tower_shape.py: the closed-form probe reads a class that is in the features and
+not one that is absent, and the oriented-edge stem's filters answer to edges of their orientation."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "probe_tower_shape.py"
+
+
+def _probe_module():
+    spec = importlib.util.spec_from_file_location("probe_tower_shape", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ridge_probe_reads_an_encoded_class_and_not_noise() -> None:
+    probe = _probe_module()
+    rng = np.random.default_rng(0)
+    y, yt = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    noise, noise_t = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    encoded, encoded_t = noise.copy(), noise_t.copy()
+    encoded[:, :3] += 3 * np.eye(3)[y]  # the class, one-hot, in the first three dimensions
+    encoded_t[:, :3] += 3 * np.eye(3)[yt]
+    assert probe.ridge_accuracy((encoded, y), (encoded_t, yt)) > 0.9
+    assert probe.ridge_accuracy((noise, y), (noise_t, yt)) < 0.5  # chance is 1/3
+
+
+def test_oriented_edge_stem_filters_answer_to_their_orientation() -> None:
+    from pio_fvlm import shapes_vlm as sv
+
+    probe = _probe_module()
+    model = sv.build_model(vision_layers=1)
+    assert probe.oriented_edge_stem(model) == 72
+    weight = model.model.vision_tower.embeddings.patch_embedding.weight
+    yy, xx = torch.meshgrid(torch.arange(14.0) - 6.5, torch.arange(14.0) - 6.5, indexing="ij")
+    for a in range(8):  # a step edge through the patch centre at each of the 8 orientations
+        theta = math.pi * a / 8
+        step = (xx * math.cos(theta) + yy * math.sin(theta) > 0).float()
+        patch = torch.zeros(3, 14, 14)
+        patch[1] = step  # in the green channel
+        response = (weight[:72] * patch).sum(dim=(1, 2, 3)).abs()
+        best = int(response.argmax())
+        assert best // 9 == a and best % 3 == 1, (a, best)  # that orientation, the green filter
