@@ -29,6 +29,8 @@ of the shipped checkpoint's 7.5 h of resumed runs):
     # patches are ~4x weaker than after 200 steps, so from scratch it needs ~6 (1.0 left the
     # column unreadable); --freeze-tower would save ~30 % per step but only after a tower
     # that already sees shape (the vision-only steps alone did not teach it from scratch)
+    # (why: the per-patch shape target is ill-posed for interior patches and --vision-lr 2e-3 is
+    # too high for a fresh tower; examples/probe_tower_shape.py and docs/quality.md, stop 17)
 
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
