@@ -7,20 +7,12 @@ torch.set_num_threads(1)
 mode, boost, budget_s = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 torch.manual_seed(0)
 model = sv.build_model(vision_layers=4)
-import math
-if "stem" in sys.argv:
-    w = model.model.vision_tower.embeddings.patch_embedding.weight  # (128,3,14,14)
-    yy, xx = torch.meshgrid(torch.arange(14.) - 6.5, torch.arange(14.) - 6.5, indexing="ij")
-    k = 0
-    with torch.no_grad():
-        for a in range(8):
-            th = math.pi * a / 8
-            for d in (-3.5, 0.0, 3.5):
-                e = torch.tanh((xx * math.cos(th) + yy * math.sin(th) - d) / 1.5)
-                e = e - e.mean(); e = e / e.norm()
-                for c in range(3):
-                    w[k].zero_(); w[k, c] = e * 0.5; k += 1
-    print("stem filters", k)
+if "stem" in sys.argv:  # the same filters as examples/probe_tower_shape.py (imported from there)
+    import importlib.util, pathlib
+    spec = importlib.util.spec_from_file_location(
+        "probe", pathlib.Path(__file__).resolve().parents[3] / "examples" / "probe_tower_shape.py")
+    probe = importlib.util.module_from_spec(spec); spec.loader.exec_module(probe)
+    print("stem filters", probe.oriented_edge_stem(model))
 if boost: sv.boost_patch_positions(model, boost)
 class Std(torch.nn.Module):  # per-dimension standardisation over the batch's tokens (BatchNorm without affine)
     def __init__(s): super().__init__(); s.bn = torch.nn.BatchNorm1d(128, affine=False)
