@@ -14,7 +14,6 @@ well an optimiser finds it. Features probed: the patch embeddings (signed, and r
 from __future__ import annotations
 
 import argparse
-import math
 import random
 
 import numpy as np
@@ -77,25 +76,6 @@ def ridge_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray,
     return float((np.argmax(at @ w, 1) == yt).mean())
 
 
-def oriented_edge_stem(model, scale: float = 0.5) -> int:
-    """Overwrite the first patch-embedding filters with step-edge detectors (8 orientations x 3
-    offsets x 3 colour channels = 72 filters, zero mean, norm ``scale``); returns how many."""
-    weight = model.model.vision_tower.embeddings.patch_embedding.weight  # (D, 3, 14, 14)
-    yy, xx = torch.meshgrid(torch.arange(14.0) - 6.5, torch.arange(14.0) - 6.5, indexing="ij")
-    k = 0
-    with torch.no_grad():
-        for a in range(8):
-            theta = math.pi * a / 8
-            for offset in (-3.5, 0.0, 3.5):
-                edge = torch.tanh((xx * math.cos(theta) + yy * math.sin(theta) - offset) / 1.5)
-                edge = (edge - edge.mean()) / (edge - edge.mean()).norm()
-                for channel in range(3):
-                    weight[k].zero_()
-                    weight[k, channel] = scale * edge
-                    k += 1
-    return k
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=[], help="also probe this trained checkpoint (repeatable)")
@@ -108,7 +88,7 @@ def main() -> None:
     for stem in (False, True):
         model = sv.build_model(vision_layers=4)
         if stem:
-            oriented_edge_stem(model)
+            sv.oriented_edge_stem(model)
         if args.position_boost:
             sv.boost_patch_positions(model, args.position_boost)
         towers.append((f"fresh, {'oriented-edge stem' if stem else 'random patch filters'}", model))

@@ -100,6 +100,17 @@ def main() -> None:
                         "on their own cosine schedule), the later ones the whole model (warmup + cosine from N; "
                         "the object curriculum starts again at N): the whole recipe in one run")
     p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument("--tower-lr", type=float, default=None,
+                   help="peak learning rate of the CLIP tower's own parameter group in the joint stage (it follows "
+                        "the same warmup + cosine); default: --lr, as the rest. A fresh tower's features are wrecked "
+                        "at 2e-3 (docs/quality.md, stop 17)")
+    p.add_argument("--aux-shape", choices=("patch", "pooled"), default="patch",
+                   help="shape target of the auxiliary loss: on every object patch, or once per object on its "
+                        "patches' mean (shapes_vlm.object_shape_logits, a standardised linear head): shape is an "
+                        "object's property, interior patches cannot show it")
+    p.add_argument("--stem", action="store_true",
+                   help="from scratch: start the tower's patch filters with oriented step edges "
+                        "(shapes_vlm.oriented_edge_stem)")
     p.add_argument("--freeze-tower", action="store_true",
                    help="after the vision-only steps, keep the CLIP tower fixed (the projector still learns): "
                         "~30 %% less time per step, but only for a tower that already sees shape")
@@ -151,6 +162,8 @@ def main() -> None:
         print(f"resuming at step {info['step']}")
     else:  # from scratch: a tower of --vision-layers random layers rather than identities appended
         model = sv.build_model(vision_layers=args.vision_layers or 2)
+        if args.stem:
+            print(f"oriented-edge stem: {sv.oriented_edge_stem(model)} patch filters")
     grown = sv.deepen_language_model(model, args.text_layers) if args.text_layers else 0
     if grown:
         print(f"added {grown} identity decoder layers: {args.text_layers} in all")
@@ -177,7 +190,10 @@ def main() -> None:
     if args.vision_first and (args.vision_only or args.restart_schedule):
         p.error("--vision-first sets its own two schedules: drop --vision-only / --restart-schedule")
     model.train()
-    aux_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(sv.PATCH_CLASSES))
+    width = model.config.text_config.hidden_size
+    aux_head = torch.nn.Linear(width, sum(sv.PATCH_CLASSES))
+    # per-dimension standardisation: the pooled features differ by a few % of their shared norm
+    shape_head = torch.nn.Sequential(torch.nn.BatchNorm1d(width, affine=False), torch.nn.Linear(width, len(sv.syn.SHAPES)))
     projected: list[torch.Tensor] = []
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.append(out))
     focus_inputs: list[dict] = []
@@ -192,12 +208,22 @@ def main() -> None:
     keep_columns: list[torch.Tensor] = []
     if args.drop:
         sv.hide_dropped_tokens(model.model.language_model.layers, args.drop_layer, keep_columns)
-    optimizer = torch.optim.AdamW([*model.parameters(), *aux_head.parameters()], lr=args.lr, weight_decay=0.01)
+    tower = list(model.model.vision_tower.parameters())
+    in_tower = {id(t) for t in tower}
+    rest = [t for t in [*model.parameters(), *aux_head.parameters(), *shape_head.parameters()] if id(t) not in in_tower]
+    optimizer = torch.optim.AdamW([{"params": tower}, {"params": rest}], lr=args.lr, weight_decay=0.01)
     opt_path, aux_path = state_dir / "optimizer.pt", state_dir / "aux_head.pt"
     if info["step"] > 0 and opt_path.exists():
         if not grown:  # new parameters: the saved moments no longer line up with the parameter list
-            optimizer.load_state_dict(torch.load(opt_path))
-        aux_head.load_state_dict(torch.load(aux_path))
+            try:
+                optimizer.load_state_dict(torch.load(opt_path))
+            except ValueError:  # saved before the tower had a group of its own
+                print("optimizer state from another parameter grouping: AdamW's moments restart")
+        heads = torch.load(aux_path)
+        if "aux" not in heads:  # saved before the pooled shape head existed
+            heads = {"aux": heads, "shape": shape_head.state_dict()}
+        aux_head.load_state_dict(heads["aux"])
+        shape_head.load_state_dict(heads["shape"])
     processor = sv.build_processor()
     split = sv.eval_set(150, seed=VALIDATION_SEED)  # not the test split benchmarks/quality.py reports on
     rng = random.Random(1234 + info["step"])
@@ -213,8 +239,8 @@ def main() -> None:
             lr, stage_start = lr_at(step, args.vision_first, args.vision_lr), 0
         else:
             lr, stage_start = lr_at(step, args.steps, args.lr, start=start), args.vision_first
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        tower_lr = lr if vision_only or args.tower_lr is None else lr * args.tower_lr / args.lr
+        optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"] = tower_lr, lr
         if args.freeze_tower and not vision_only:
             model.model.vision_tower.requires_grad_(False)
         objects = curriculum(step - stage_start, args.ramp)
@@ -244,9 +270,18 @@ def main() -> None:
             loss = loss + args.focus * focus
         if args.aux:
             aux_logits = aux_head(projected[-1])
-            aux = sv.patch_attribute_loss(aux_logits, patch_labels, balanced=args.aux_balanced, weights=aux_weights)
+            seen = sv.patch_attribute_accuracy(aux_logits.detach(), patch_labels)
+            if args.aux_shape == "pooled":  # shape once per object; colour and column per patch
+                c, shape_weight, col = aux_weights
+                aux = sv.patch_attribute_loss(aux_logits, patch_labels, balanced=args.aux_balanced,
+                                              weights=(c, 0.0, col)) * (c + col)
+                shape_logits, shapes = sv.object_shape_logits(projected[-1], patch_labels, shape_head)
+                aux = (aux + shape_weight * torch.nn.functional.cross_entropy(shape_logits, shapes)) / sum(aux_weights)
+                seen[1] = float((shape_logits.argmax(-1) == shapes).float().mean())
+            else:
+                aux = sv.patch_attribute_loss(aux_logits, patch_labels, balanced=args.aux_balanced, weights=aux_weights)
             aux_losses.append(aux.item())
-            aux_accuracy.append(sv.patch_attribute_accuracy(aux_logits.detach(), patch_labels))
+            aux_accuracy.append(seen)
             loss = loss + args.aux * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -262,7 +297,8 @@ def main() -> None:
             seen = [sum(a[k] for a in aux_accuracy[-25:]) / len(aux_accuracy[-25:]) for k in range(3)]
             focus_mean = sum(focus_losses[-25:]) / len(focus_losses[-25:])
             print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} focus {focus_mean:.3f} "
-                  f"(object patches: colour {seen[0]:.2f} shape {seen[1]:.2f} column {seen[2]:.2f}) "
+                  f"(object patches: colour {seen[0]:.2f} shape{' (pooled)' if args.aux_shape == 'pooled' else ''} "
+                  f"{seen[1]:.2f} column {seen[2]:.2f}) "
                   f"objects<={objects} lr {lr:.2e} {rate:.2f} s/step", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
@@ -277,7 +313,7 @@ def main() -> None:
             info_path.write_text(json.dumps(info, indent=1))
             state_dir.mkdir(parents=True, exist_ok=True)
             torch.save(optimizer.state_dict(), opt_path)
-            torch.save(aux_head.state_dict(), aux_path)
+            torch.save({"aux": aux_head.state_dict(), "shape": shape_head.state_dict()}, aux_path)
             print(f"saved step {step} to {out}", flush=True)
 
 

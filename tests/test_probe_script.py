@@ -35,9 +35,8 @@ def test_ridge_probe_reads_an_encoded_class_and_not_noise() -> None:
 def test_oriented_edge_stem_filters_answer_to_their_orientation() -> None:
     from pio_fvlm import shapes_vlm as sv
 
-    probe = _probe_module()
     model = sv.build_model(vision_layers=1)
-    assert probe.oriented_edge_stem(model) == 72
+    assert sv.oriented_edge_stem(model) == 72
     weight = model.model.vision_tower.embeddings.patch_embedding.weight
     yy, xx = torch.meshgrid(torch.arange(14.0) - 6.5, torch.arange(14.0) - 6.5, indexing="ij")
     for a in range(8):  # a step edge through the patch centre at each of the 8 orientations

@@ -365,3 +365,19 @@ def test_focus_targets_and_recomputed_head_attention_match_the_model():
     use = (query >= 0) & (tokens & keep[:, None, :]).any(-1)
     mass = (weights[..., : sv.N_VISUAL] * (tokens & keep[:, None, :])).sum(-1)[use]
     torch.testing.assert_close(loss, -(mass + 1e-6).log().mean())
+
+
+def test_object_shape_logits_pool_each_objects_tokens_and_name_its_shape() -> None:
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+
+    labels = torch.zeros(1, 3, 576, dtype=torch.long)
+    labels[0, :2, 0:10] = torch.tensor([[1], [2]])  # colour 1, shape 2 (a square): patches 0-9
+    labels[0, :2, 20:25] = torch.tensor([[3], [1]])  # colour 3, shape 1 (a circle): patches 20-24
+    features = torch.randn(1, 576, 3) * 10  # the background: noise that must not enter the pools
+    features[0, 0:10] = torch.tensor([1.0, 2.0, 3.0]) + torch.arange(10.0)[:, None]
+    features[0, 20:25] = torch.tensor([-1.0, 0.0, 5.0])
+    logits, shapes = sv.object_shape_logits(features, labels, torch.nn.Identity())
+    assert shapes.tolist() == [1, 0]  # shape indices into SHAPES: square, circle
+    assert torch.allclose(logits, torch.tensor([[5.5, 6.5, 7.5], [-1.0, 0.0, 5.0]]))

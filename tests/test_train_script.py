@@ -52,3 +52,26 @@ def test_vision_first_trains_the_tower_then_the_language_model_with_the_tower_fr
     assert _changed(first, second, "language_model"), "the joint stage did not train the language model"
     info = json.loads((tmp_path / "model" / "training_state.json").read_text())
     assert info["step"] == 3 and [run["from_step"] for run in info["runs"]] == [0, 2]
+
+
+def test_stem_pooled_shape_target_and_a_tower_learning_rate_of_its_own(tmp_path: Path) -> None:
+    from pio_fvlm import shapes_vlm as sv
+
+    args = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "model"), "--state-dir", str(tmp_path / "state"),
+            "--batch", "2", "--pairs", "2", "--eval-every", "1000", "--save-every", "1", "--vision-first", "1",
+            "--vision-layers", "3", "--stem", "--aux-shape", "pooled", "--tower-lr", "0"]
+    for steps in ("1", "2"):  # the vision-only step, then (resumed) a joint step with the tower at lr 0
+        done = subprocess.run([*args, "--steps", steps], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if steps == "1":
+            first = _load(tmp_path / "model").state_dict()
+    stemmed = sv.build_model(vision_layers=3)
+    sv.oriented_edge_stem(stemmed)
+    name = next(n for n in first if n.endswith("embeddings.patch_embedding.weight"))
+    start = stemmed.state_dict()[name]
+    # one warmup step (lr 1e-5) away from the stem, and far from the random filters it replaced
+    assert torch.allclose(first[name][:72], start[:72], atol=1e-3)
+    assert not torch.allclose(sv.build_model(vision_layers=3).state_dict()[name][:72], start[:72], atol=1e-2)
+    second = _load(tmp_path / "model").state_dict()
+    assert not _changed(first, second, "vision_tower"), "--tower-lr 0 let the tower change in the joint stage"
+    assert _changed(first, second, "language_model") and _changed(first, second, "multi_modal_projector")

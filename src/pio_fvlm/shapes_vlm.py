@@ -137,6 +137,35 @@ def grid_sincos(side: int, dim: int, base: float = 100.0) -> torch.Tensor:
 
 
 @torch.no_grad()
+def oriented_edge_stem(model: Any, scale: float = 0.5) -> int:
+    """Overwrite the first 72 CLIP patch-embedding filters with step-edge detectors: 8
+    orientations x 3 offsets from the patch centre x 3 colour channels, each zero-mean with norm
+    ``scale`` (the others stay random). Returns how many were set.
+
+    Why: an object's shape shows at the patch scale only in the orientation of its edges (the
+    interior patches of a circle, a square and a triangle look the same), and random filters
+    mix orientation with colour; rectified and pooled over an object, these filters' responses
+    give its shape to a linear probe at 0.99 (examples/probe_tower_shape.py, docs/quality.md).
+    Stock CLIP weights, only their values change."""
+    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+    weight = tower.embeddings.patch_embedding.weight  # (D, 3, 14, 14)
+    side = weight.shape[-1]
+    centre = torch.arange(float(side)) - (side - 1) / 2
+    yy, xx = torch.meshgrid(centre, centre, indexing="ij")
+    k = 0
+    for a in range(8):
+        theta = math.pi * a / 8
+        for offset in (-0.25 * side, 0.0, 0.25 * side):
+            edge = torch.tanh((xx * math.cos(theta) + yy * math.sin(theta) - offset) / 1.5)
+            edge = (edge - edge.mean()) / (edge - edge.mean()).norm()
+            for channel in range(3):
+                weight[k].zero_()
+                weight[k, channel] = scale * edge.to(weight.dtype)
+                k += 1
+    return k
+
+
+@torch.no_grad()
 def boost_patch_positions(model: Any, scale: float, seed: int = 0) -> float:
     """Add a 2-D sine-cosine code (:func:`grid_sincos`) to the CLIP tower's patch position
     embeddings, each row scaled to ``scale`` times the mean norm of the patch embeddings of
@@ -303,6 +332,34 @@ def patch_attribute_loss(logits: torch.Tensor, labels: torch.Tensor, balanced: b
         per_patch = torch.nn.functional.cross_entropy(part.flatten(0, 1), labels[:, k].flatten(), reduction="none")
         total = total + weights[k] * ((per_patch * weight).sum() if balanced else per_patch.mean())
     return total / sum(weights)
+
+
+def object_shape_logits(features: torch.Tensor, labels: torch.Tensor,
+                        head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape read off each object's visual tokens pooled (mean), for the training script's
+    object-level shape target (``--aux-shape pooled``).
+
+    Shape is an object's property, not a patch's: the interior patches of all three shapes look
+    alike, so a per-patch shape target asks them for what only the tower's attention can bring;
+    pooled over the object, edge orientations decide it (docs/quality.md, stop 17).
+
+    Args:
+        features: (B, 576, D) projected visual tokens.
+        labels: (B, 3, 576) :func:`training_batch`'s ``patch_labels``; the (colour, shape) pair
+            names an object (distinct within a scene, :func:`synthetic.random_scene`).
+        head: maps (N, D) -> (N, len(SHAPES)).
+    Returns:
+        (N, len(SHAPES)) logits and (N,) shape indices, one row per object with a patch.
+    """
+    n_shapes = len(syn.SHAPES) + 1
+    key = labels[:, 0] * n_shapes + labels[:, 1]  # (B, 576); 0 on the background
+    slots = torch.arange(1, PATCH_CLASSES[0] * n_shapes, device=key.device)
+    member = (key[:, None, :] == slots[None, :, None]).to(features.dtype)  # (B, slots, 576)
+    count = member.sum(-1)  # (B, slots)
+    pooled = member @ features / count.clamp(min=1)[..., None]  # (B, slots, D)
+    shape = (slots % n_shapes - 1).expand_as(count)
+    present = (count > 0) & (shape >= 0)
+    return head(pooled[present]), shape[present]
 
 
 def patch_attribute_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
