@@ -32,6 +32,10 @@ of the shipped checkpoint's 7.5 h of resumed runs):
     # (why: the per-patch shape target is ill-posed for interior patches and --vision-lr 2e-3 is
     # too high for a fresh tower; examples/probe_tower_shape.py and docs/quality.md, stop 17)
 
+A third try (stop 17, docs/quality.md: cut short by the session, not a two-hour result yet) adds
+what the tower-shape diagnosis points to: --stem --aux-shape pooled --vision-lr 2e-4 --tower-lr 2e-4
+(same command otherwise, --steps 2200 --vision-first 400).
+
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
 optimizer state goes to ``--state-dir`` (not committed); without it a resume restarts AdamW's
