@@ -32,7 +32,7 @@ of the shipped checkpoint's 7.5 h of resumed runs):
     # (why: the per-patch shape target is ill-posed for interior patches and --vision-lr 2e-3 is
     # too high for a fresh tower; examples/probe_tower_shape.py and docs/quality.md, stop 17)
 
-A third try (stop 17, docs/quality.md: cut short by the session, not a two-hour result yet) adds
+A third try (stop 17, docs/quality.md: cut at step 2,000 by the session, 67.3 % test; not a two-hour result) adds
 what the tower-shape diagnosis points to: --stem --aux-shape pooled --vision-lr 2e-4 --tower-lr 2e-4
 (same command otherwise, --steps 2200 --vision-first 400).
 
