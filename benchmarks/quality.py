@@ -208,12 +208,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def default_out(model: str | Path) -> Path:
+    """The shipped checkpoint's record lives in benchmarks/results/; any other model's next to it."""
+    if Path(model).resolve() == Path(sv.ASSET_DIR).resolve():
+        return Path("benchmarks/results/quality.json")
+    return Path(model) / "quality.json"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=300)
     p.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64, 32, 16])
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
-    p.add_argument("--out", default="benchmarks/results/quality.json")
+    p.add_argument("--out", default=None,
+                   help="where to write the JSON result; default: benchmarks/results/quality.json for the "
+                        "shipped checkpoint, <model>/quality.json for any other (so a run never overwrites "
+                        "the shipped checkpoint's record)")
     p.add_argument("--model", default=str(sv.ASSET_DIR), help="a tiny-shapes checkpoint folder")
     p.add_argument("--table", metavar="JSON", help="print the markdown table of a saved result and exit")
     args = p.parse_args(argv)
@@ -221,11 +231,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = json.loads(Path(args.table).read_text())
         print(markdown_table(result))
         return result
+    out = Path(args.out) if args.out else default_out(args.model)
     with torch.no_grad():  # scoped: the caller's grad mode is left alone
         result = measure(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
     return result
 
 

@@ -48,3 +48,9 @@ def test_answer_prior_is_the_best_constant_answer_per_question_type():
     split = [(None, [], syn.QA("count", "q", a)) for a in ("one", "one", "two")]
     split += [(None, [], syn.QA("presence", "q", a)) for a in ("yes", "no", "no", "no")]
     assert quality.answer_prior(split) == pytest.approx((2 + 3) / 7)
+
+
+def test_quality_benchmark_never_overwrites_the_shipped_record_for_another_model(tmp_path):
+    quality = load_quality()
+    assert quality.default_out(sv.ASSET_DIR) == Path("benchmarks/results/quality.json")
+    assert quality.default_out(tmp_path / "run") == tmp_path / "run" / "quality.json"

@@ -296,7 +296,7 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
 
 def format_table(result: dict[str, Any]) -> str:
     head = (f"{'mode':<10} {'prefill ms (min-max)':>24} {'x':>6} {'e2e ms':>9} {'x':>6} {'dec tok/s':>9} "
-            f"{'select ms':>9} {'KV MB':>7} {'KVx':>5} {'GFLOP':>8} {'FLOPx':>6}")
+            f"{'select ms':>9} {'KV MiB':>7} {'KVx':>5} {'GFLOP':>8} {'FLOPx':>6}")
     lines = [f"device={result['device']} dtype={result['dtype']} attn={result['attn']} batch={result['batch']} "
              f"visual={result['n_visual']} text={result['text_tokens']} reps={result['reps']}", head]
     for r in result["rows"]:
