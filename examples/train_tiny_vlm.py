@@ -108,10 +108,12 @@ def main() -> None:
                    help="peak learning rate of the CLIP tower's own parameter group in the joint stage (it follows "
                         "the same warmup + cosine); default: --lr, as the rest. A fresh tower's features are wrecked "
                         "at 2e-3 (docs/quality.md, stop 17)")
-    p.add_argument("--aux-shape", choices=("patch", "pooled"), default="patch",
+    p.add_argument("--aux-shape", choices=("patch", "pooled", "both"), default="patch",
                    help="shape target of the auxiliary loss: on every object patch, or once per object on its "
                         "patches' mean (shapes_vlm.object_shape_logits, a standardised linear head): shape is an "
-                        "object's property, interior patches cannot show it")
+                        "object's property, interior patches cannot show it; or both: the pooled target gets "
+                        "shape learnt, the per-patch one puts it in every token, which the LM's attention needs to "
+                        "find the object a question names (docs/quality.md, stop 19)")
     p.add_argument("--stem", action="store_true",
                    help="from scratch: start the tower's patch filters with oriented step edges "
                         "(shapes_vlm.oriented_edge_stem)")
@@ -274,16 +276,8 @@ def main() -> None:
             loss = loss + args.focus * focus
         if args.aux:
             aux_logits = aux_head(projected[-1])
-            seen = sv.patch_attribute_accuracy(aux_logits.detach(), patch_labels)
-            if args.aux_shape == "pooled":  # shape once per object; colour and column per patch
-                c, shape_weight, col = aux_weights
-                aux = sv.patch_attribute_loss(aux_logits, patch_labels, balanced=args.aux_balanced,
-                                              weights=(c, 0.0, col)) * (c + col)
-                shape_logits, shapes = sv.object_shape_logits(projected[-1], patch_labels, shape_head)
-                aux = (aux + shape_weight * torch.nn.functional.cross_entropy(shape_logits, shapes)) / sum(aux_weights)
-                seen[1] = float((shape_logits.argmax(-1) == shapes).float().mean())
-            else:
-                aux = sv.patch_attribute_loss(aux_logits, patch_labels, balanced=args.aux_balanced, weights=aux_weights)
+            aux, seen = sv.auxiliary_loss(aux_logits, projected[-1], patch_labels, shape_head, args.aux_shape,
+                                          weights=aux_weights, balanced=args.aux_balanced)
             aux_losses.append(aux.item())
             aux_accuracy.append(seen)
             loss = loss + args.aux * aux

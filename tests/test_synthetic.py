@@ -381,3 +381,50 @@ def test_object_shape_logits_pool_each_objects_tokens_and_name_its_shape() -> No
     logits, shapes = sv.object_shape_logits(features, labels, torch.nn.Identity())
     assert shapes.tolist() == [1, 0]  # shape indices into SHAPES: square, circle
     assert torch.allclose(logits, torch.tensor([[5.5, 6.5, 7.5], [-1.0, 0.0, 5.0]]))
+
+
+def test_auxiliary_loss_both_puts_shape_in_every_patch_pooled_only_in_the_mean() -> None:
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+
+    labels = torch.zeros(2, 3, 576, dtype=torch.long)
+    labels[:, :, 0:10] = torch.tensor([1, 2, 1])[:, None]  # colour 1, square, column 1
+    labels[:, :, 40:50] = torch.tensor([2, 1, 3])[:, None]  # colour 2, circle, column 3
+    torch.manual_seed(0)
+    features = torch.randn(2, 576, 8)
+    shape_head = torch.nn.Linear(8, 3)
+    weights = (1.0, 4.0, 1.0)
+    n_classes, shape_part = sum(sv.PATCH_CLASSES), slice(sv.PATCH_CLASSES[0], sum(sv.PATCH_CLASSES[:2]))
+
+    def shape_gradient(target: str) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.randn(2, 576, n_classes, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        loss, seen = sv.auxiliary_loss(logits, features, labels, shape_head, target, weights=weights, balanced=True)
+        loss.backward()
+        return loss.detach(), logits.grad[..., shape_part].abs().sum()
+
+    for target in ("patch", "pooled", "both"):
+        loss, _ = shape_gradient(target)
+        assert torch.isfinite(loss)
+    # the per-patch shape logits get a gradient from "patch" and "both", none from "pooled"
+    assert shape_gradient("pooled")[1] == 0
+    assert shape_gradient("both")[1] > 0 and shape_gradient("patch")[1] > 0
+
+    logits = torch.randn(2, 576, n_classes, generator=torch.Generator().manual_seed(1))
+    per_patch = sv.patch_attribute_loss(logits, labels, balanced=True, weights=weights)
+    patch_only, _ = sv.auxiliary_loss(logits, features, labels, shape_head, "patch", weights=weights, balanced=True)
+    torch.testing.assert_close(patch_only, per_patch)
+    pooled_logits, shapes = sv.object_shape_logits(features, labels, shape_head)
+    pooled = torch.nn.functional.cross_entropy(pooled_logits, shapes)
+    both, _ = sv.auxiliary_loss(logits, features, labels, shape_head, "both", weights=weights, balanced=True)
+    torch.testing.assert_close(both, (per_patch * 6 + 4 * pooled) / 10)  # shape's weight counts twice
+    colour_column = sv.patch_attribute_loss(logits, labels, balanced=True, weights=(1.0, 0.0, 1.0))
+    pooled_only, seen = sv.auxiliary_loss(logits, features, labels, shape_head, "pooled", weights=weights, balanced=True)
+    torch.testing.assert_close(pooled_only, (colour_column * 2 + 4 * pooled) / 6)
+    assert seen[1] == float((pooled_logits.argmax(-1) == shapes).float().mean())  # per object, not per patch
+    try:
+        sv.auxiliary_loss(logits, features, labels, shape_head, "edges")
+    except ValueError as error:
+        assert "'patch', 'pooled' or 'both'" in str(error)
+    else:
+        raise AssertionError("an unknown shape target was accepted")

@@ -362,6 +362,46 @@ def object_shape_logits(features: torch.Tensor, labels: torch.Tensor,
     return head(pooled[present]), shape[present]
 
 
+def auxiliary_loss(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, shape_head: torch.nn.Module,
+                   shape_target: str = "patch", weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                   balanced: bool = False) -> tuple[torch.Tensor, list[float]]:
+    """The training script's whole auxiliary loss, with its shape target chosen by ``--aux-shape``.
+
+    ``"patch"``: :func:`patch_attribute_loss` on all three attributes. ``"pooled"``: colour and
+    column per patch, shape once per object (:func:`object_shape_logits`). ``"both"``: the pooled
+    target and the per-patch one: pooled gets shape learnt at all, but leaves it in the object's
+    mean only (a per-patch probe reads it at ~0.65 - 0.79 in the stop-18 model, 0.998 in the
+    shipped one), and the LM's attention needs it in every token to find the object a question
+    names (docs/quality.md, stop 19).
+
+    Args:
+        logits: (B, 576, sum(PATCH_CLASSES)), the per-patch head on ``features``.
+        features: (B, 576, D) projected visual tokens.
+        labels: (B, 3, 576) :func:`training_batch`'s ``patch_labels``.
+        shape_head: the object-level head of :func:`object_shape_logits`.
+        weights: of colour, shape and column; with ``"both"`` shape's weight counts twice.
+    Returns:
+        The loss (a weighted mean) and the object patches' [colour, shape, column] accuracy
+        (shape: the pooled head's, per object, with ``"pooled"``; the per-patch head's otherwise).
+    """
+    if shape_target not in ("patch", "pooled", "both"):
+        raise ValueError(f"shape_target must be 'patch', 'pooled' or 'both', got {shape_target!r}")
+    seen = patch_attribute_accuracy(logits.detach(), labels)
+    if shape_target == "patch":
+        return patch_attribute_loss(logits, labels, balanced=balanced, weights=weights), seen
+    colour, shape, column = weights
+    per_patch_shape = shape if shape_target == "both" else 0.0
+    per_patch_weight = colour + per_patch_shape + column
+    per_patch = (patch_attribute_loss(logits, labels, balanced=balanced, weights=(colour, per_patch_shape, column))
+                 if per_patch_weight else logits.new_zeros(()))
+    shape_logits, shapes = object_shape_logits(features, labels, shape_head)
+    pooled = torch.nn.functional.cross_entropy(shape_logits, shapes)
+    total = per_patch * per_patch_weight + shape * pooled
+    if shape_target == "pooled":
+        seen[1] = float((shape_logits.argmax(-1) == shapes).float().mean())
+    return total / (per_patch_weight + shape), seen
+
+
 def patch_attribute_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
     """Accuracy of the auxiliary head's colour, shape and column on the patches that lie on an
     object (the background is easy and most of the image); shapes as :func:`patch_attribute_loss`."""
