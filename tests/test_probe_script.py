@@ -47,3 +47,28 @@ def test_oriented_edge_stem_filters_answer_to_their_orientation() -> None:
         response = (weight[:72] * patch).sum(dim=(1, 2, 3)).abs()
         best = int(response.argmax())
         assert best // 9 == a and best % 3 == 1, (a, best)  # that orientation, the green filter
+
+
+def test_binding_probe_measures_every_layer_and_splits_colour_questions_by_outcome() -> None:
+    import sys
+
+    from pio_fvlm import shapes_vlm as sv
+
+    sys.path.insert(0, str(SCRIPT.parent))  # probe_binding imports the ridge probe from its neighbour
+    try:
+        spec = importlib.util.spec_from_file_location("probe_binding", SCRIPT.parent / "probe_binding.py")
+        binding = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(binding)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
+    model.set_attn_implementation("eager")
+    shape = binding.per_patch_shape(model, n_scenes=24)
+    assert len(shape) == 2 and all(0.0 <= acc <= 1.0 for acc in shape)
+    split = binding.colour_question_attention(model, n=60)
+    expected = sum(item[2].kind == "color" and len(item[1]) > 1 for item in sv.eval_set(60, seed=777_001))
+    assert expected > 0 and sum(entry["count"] for entry in split.values()) == expected
+    for entry in split.values():
+        assert entry["named"].shape == entry["others"].shape == (2, 4)  # layers x heads
+        total = entry["named"] + entry["others"]
+        assert (entry["named"] > 0).all() and (total <= 1 + 1e-5).all()

@@ -531,17 +531,23 @@ def prompt_rows(qas: list[syn.QA]) -> list[list[int]]:
 @torch.no_grad()
 def answer_batch(model: Any, images: list[np.ndarray], qas: list[syn.QA]) -> list[str]:
     """Greedy one-word answers (next-token argmax after "... ? answer")."""
+    input_ids, mask = prompt_batch(qas)
+    logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels(images), logits_to_keep=1).logits
+    return [syn.VOCAB[int(t)] for t in logits[:, -1].argmax(-1)]
+
+
+def prompt_batch(qas: list[syn.QA]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) input ids and attention mask of the questions' prompts, left-padded (as generate
+    wants): row ``i``'s image tokens start at ``L - len(prompt_rows(qas)[i])``."""
     ids = word_ids()
-    words = syn.VOCAB
     rows = prompt_rows(qas)
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), ids["<pad>"], dtype=torch.long)
     mask = torch.zeros_like(input_ids)
-    for i, r in enumerate(rows):  # left padding, as generate wants
+    for i, r in enumerate(rows):
         input_ids[i, length - len(r):] = torch.tensor(r)
         mask[i, length - len(r):] = 1
-    logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels(images), logits_to_keep=1).logits
-    return [words[int(t)] for t in logits[:, -1].argmax(-1)]
+    return input_ids, mask
 
 
 def evaluate(model: Any, split: list[EvalItem], batch: int = 16, blank: bool = False,
