@@ -54,11 +54,12 @@ def per_patch_shape(model, n_scenes: int = 240, seed: int = 424_242) -> list[flo
 
 @torch.no_grad()
 def colour_question_attention(model, n: int = 1200, seed: int = 777_001) -> dict[bool, dict]:
-    """{answered right: {"count": questions, "named": (layers, heads), "others": (layers, heads)}}:
-    mean attention weight from the answer position on the named object's / the other objects' tokens."""
+    """{answered right: {"count": questions, "in scene": answers that are a colour in the scene,
+    "named": (layers, heads), "others": (layers, heads)}}: mean attention weight from the answer
+    position on the named object's / the other objects' tokens."""
     items = [(item, owner) for item, owner in sv.eval_set_with_owners(n, seed=seed)
              if item[2].kind == "color" and len(item[1]) > 1]
-    sums: dict[bool, dict] = collections.defaultdict(lambda: {"count": 0, "named": 0.0, "others": 0.0})
+    sums: dict[bool, dict] = collections.defaultdict(lambda: {"count": 0, "named": 0.0, "others": 0.0, "in scene": 0})
     for start in range(0, len(items), 24):
         chunk = items[start:start + 24]
         input_ids, mask = sv.prompt_batch([qa for (_, _, qa), _ in chunk])
@@ -66,16 +67,18 @@ def colour_question_attention(model, n: int = 1200, seed: int = 777_001) -> dict
                     pixel_values=sv.pixels([image for (image, _, _), _ in chunk]))
         weights = torch.stack(out.attentions, dim=1)[:, :, :, -1]  # (B, layers, heads, L) from the answer position
         for b, ((_, objects, qa), owner) in enumerate(chunk):
-            right = syn.VOCAB[int(out.logits[b, -1].argmax())] == qa.answer
+            said = syn.VOCAB[int(out.logits[b, -1].argmax())]
+            right = said == qa.answer
             named = next(k for k, o in enumerate(objects) if o.color == qa.answer and o.shape in qa.question.split())
             image_at = int((mask[b] == 0).sum())
             on_image = weights[b, ..., image_at:image_at + sv.N_VISUAL]  # (layers, heads, 576)
             owner = torch.from_numpy(owner)
             entry = sums[right]
             entry["count"] += 1
+            entry["in scene"] += any(o.color == said for o in objects)
             entry["named"] = entry["named"] + on_image[..., owner == named].sum(-1)
             entry["others"] = entry["others"] + on_image[..., (owner >= 0) & (owner != named)].sum(-1)
-    return {right: {"count": e["count"], "named": e["named"] / e["count"], "others": e["others"] / e["count"]}
+    return {right: {**e, "named": e["named"] / e["count"], "others": e["others"] / e["count"]}
             for right, e in sums.items()}
 
 
@@ -92,7 +95,8 @@ def main() -> None:
         print("  per-patch shape at the input of LM layer " +
               ", ".join(f"{layer}: {acc:.3f}" for layer, acc in enumerate(shape)) + f" (chance {1 / len(syn.SHAPES):.2f})")
         for right, e in sorted(colour_question_attention(model).items(), reverse=True):
-            print(f"  colour questions answered {'right' if right else 'wrong'} ({e['count']}): "
+            print(f"  colour questions answered {'right' if right else 'wrong'} ({e['count']}, "
+                  f"{e['in scene']} with a colour in the scene): "
                   "attention on the named object / the others, per layer and head")
             for layer, (named, others) in enumerate(zip(e["named"], e["others"])):
                 print(f"    layer {layer}: " + "  ".join(f"h{h} {a:.2f}/{o:.2f}" for h, (a, o) in enumerate(zip(named, others))))

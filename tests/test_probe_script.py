@@ -72,3 +72,4 @@ def test_binding_probe_measures_every_layer_and_splits_colour_questions_by_outco
         assert entry["named"].shape == entry["others"].shape == (2, 4)  # layers x heads
         total = entry["named"] + entry["others"]
         assert (entry["named"] > 0).all() and (total <= 1 + 1e-5).all()
+    assert split.get(True, {"in scene": 0, "count": 0})["in scene"] == split.get(True, {"count": 0})["count"]
