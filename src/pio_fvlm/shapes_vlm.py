@@ -370,7 +370,7 @@ def auxiliary_loss(logits: torch.Tensor, features: torch.Tensor, labels: torch.T
     ``"patch"``: :func:`patch_attribute_loss` on all three attributes. ``"pooled"``: colour and
     column per patch, shape once per object (:func:`object_shape_logits`). ``"both"``: the pooled
     target and the per-patch one: pooled gets shape learnt at all, but leaves it in the object's
-    mean only (a per-patch probe reads it at ~0.65 - 0.79 in the stop-18 model, 0.998 in the
+    mean only (a per-patch probe reads it at 0.62 - 0.79 in the stop-18 model, 0.998 in the
     shipped one), and the LM's attention needs it in every token to find the object a question
     names (docs/quality.md, stop 19).
 
