@@ -419,7 +419,8 @@ def test_auxiliary_loss_both_puts_shape_in_every_patch_pooled_only_in_the_mean()
     both, _ = sv.auxiliary_loss(logits, features, labels, shape_head, "both", weights=weights, balanced=True)
     torch.testing.assert_close(both, (per_patch * 6 + 4 * pooled) / 10)  # shape's weight counts twice
     colour_column = sv.patch_attribute_loss(logits, labels, balanced=True, weights=(1.0, 0.0, 1.0))
-    pooled_only, seen = sv.auxiliary_loss(logits, features, labels, shape_head, "pooled", weights=weights, balanced=True)
+    pooled_only, seen = sv.auxiliary_loss(logits, features, labels, shape_head, "pooled", weights=weights,
+                                          balanced=True)
     torch.testing.assert_close(pooled_only, (colour_column * 2 + 4 * pooled) / 6)
     assert seen[1] == float((pooled_logits.argmax(-1) == shapes).float().mean())  # per object, not per patch
     try:
