@@ -28,6 +28,17 @@ from pio_fvlm import shapes_vlm as sv
 from pio_fvlm import synthetic as syn
 
 
+def forward_in_chunks(model, items: list, **outputs: bool):
+    """Yield (chunk, image start per row, model output) over ``items`` ((image, objects, qa), owner)
+    in batches of 24 prompts, left-padded; ``outputs`` e.g. ``output_attentions=True``."""
+    for start in range(0, len(items), 24):
+        chunk = items[start:start + 24]
+        input_ids, mask = sv.prompt_batch([qa for (_, _, qa), _ in chunk])
+        out = model(input_ids=input_ids, attention_mask=mask, pixel_values=sv.pixels([item[0] for item, _ in chunk]),
+                    **outputs)
+        yield chunk, (mask == 0).sum(-1).tolist(), out  # the image starts after the left padding
+
+
 @torch.no_grad()
 def per_patch_shape(model, n_scenes: int = 240, seed: int = 424_242) -> list[float]:
     """Held-out per-patch shape accuracy at the input of each LM layer (one float per layer)."""
@@ -35,18 +46,16 @@ def per_patch_shape(model, n_scenes: int = 240, seed: int = 424_242) -> list[flo
     layers = len(model.model.language_model.layers)
     features: list[list[list[np.ndarray]]] = [[[] for _ in range(layers)] for _ in range(2)]
     labels: list[list[np.ndarray]] = [[], []]
-    for start in range(0, len(items), 24):
-        chunk = items[start:start + 24]
-        input_ids, mask = sv.prompt_batch([qa for (_, _, qa), _ in chunk])
-        states = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
-                       pixel_values=sv.pixels([image for (image, _, _), _ in chunk])).hidden_states
+    seen = 0
+    for chunk, image_starts, out in forward_in_chunks(model, items, output_hidden_states=True):
         for b, ((_, objects, _), owner) in enumerate(chunk):
-            half = int(start + b >= len(items) // 2)  # first half fits the probe, second half scores it
-            image_at = int((mask[b] == 0).sum())  # left padding
+            half = int(seen >= len(items) // 2)  # first half fits the probe, second half scores it
+            seen += 1
             on = torch.from_numpy(owner >= 0)
             labels[half].append(np.array([syn.SHAPES.index(objects[k].shape) for k in owner[owner >= 0]]))
             for layer in range(layers):
-                features[half][layer].append(states[layer][b, image_at:image_at + sv.N_VISUAL][on].numpy())
+                tokens = out.hidden_states[layer][b, image_starts[b]:image_starts[b] + sv.N_VISUAL]
+                features[half][layer].append(tokens[on].numpy())
     fit_y, test_y = (np.concatenate(y) for y in labels)
     return [ridge_accuracy((np.concatenate(features[0][layer]), fit_y), (np.concatenate(features[1][layer]), test_y))
             for layer in range(layers)]
@@ -60,18 +69,13 @@ def colour_question_attention(model, n: int = 1200, seed: int = 777_001) -> dict
     items = [(item, owner) for item, owner in sv.eval_set_with_owners(n, seed=seed)
              if item[2].kind == "color" and len(item[1]) > 1]
     sums: dict[bool, dict] = collections.defaultdict(lambda: {"count": 0, "named": 0.0, "others": 0.0, "in scene": 0})
-    for start in range(0, len(items), 24):
-        chunk = items[start:start + 24]
-        input_ids, mask = sv.prompt_batch([qa for (_, _, qa), _ in chunk])
-        out = model(input_ids=input_ids, attention_mask=mask, output_attentions=True,
-                    pixel_values=sv.pixels([image for (image, _, _), _ in chunk]))
+    for chunk, image_starts, out in forward_in_chunks(model, items, output_attentions=True):
         weights = torch.stack(out.attentions, dim=1)[:, :, :, -1]  # (B, layers, heads, L) from the answer position
         for b, ((_, objects, qa), owner) in enumerate(chunk):
             said = syn.VOCAB[int(out.logits[b, -1].argmax())]
             right = said == qa.answer
             named = next(k for k, o in enumerate(objects) if o.color == qa.answer and o.shape in qa.question.split())
-            image_at = int((mask[b] == 0).sum())
-            on_image = weights[b, ..., image_at:image_at + sv.N_VISUAL]  # (layers, heads, 576)
+            on_image = weights[b, ..., image_starts[b]:image_starts[b] + sv.N_VISUAL]  # (layers, heads, 576)
             owner = torch.from_numpy(owner)
             entry = sums[right]
             entry["count"] += 1
@@ -92,14 +96,15 @@ def main() -> None:
         model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()
         print(path)
         shape = per_patch_shape(model)
-        print("  per-patch shape at the input of LM layer " +
-              ", ".join(f"{layer}: {acc:.3f}" for layer, acc in enumerate(shape)) + f" (chance {1 / len(syn.SHAPES):.2f})")
+        per_layer = ", ".join(f"{layer}: {acc:.3f}" for layer, acc in enumerate(shape))
+        print(f"  per-patch shape at the input of LM layer {per_layer} (chance {1 / len(syn.SHAPES):.2f})")
         for right, e in sorted(colour_question_attention(model).items(), reverse=True):
             print(f"  colour questions answered {'right' if right else 'wrong'} ({e['count']}, "
                   f"{e['in scene']} with a colour in the scene): "
                   "attention on the named object / the others, per layer and head")
             for layer, (named, others) in enumerate(zip(e["named"], e["others"])):
-                print(f"    layer {layer}: " + "  ".join(f"h{h} {a:.2f}/{o:.2f}" for h, (a, o) in enumerate(zip(named, others))))
+                heads = "  ".join(f"h{h} {a:.2f}/{o:.2f}" for h, (a, o) in enumerate(zip(named, others)))
+                print(f"    layer {layer}: {heads}")
 
 
 if __name__ == "__main__":

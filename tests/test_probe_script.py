@@ -63,6 +63,13 @@ def test_binding_probe_measures_every_layer_and_splits_colour_questions_by_outco
         sys.path.remove(str(SCRIPT.parent))
     model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
     model.set_attn_implementation("eager")
+    items = sv.eval_set_with_owners(30, seed=5)
+    image_id = sv.word_ids()[sv.IMAGE_TOKEN]
+    for start, (chunk, image_starts, _) in zip((0, 24), binding.forward_in_chunks(model, items)):
+        input_ids, _ = sv.prompt_batch([qa for (_, _, qa), _ in chunk])
+        assert len(chunk) == (24 if start == 0 else 6)
+        for row, at in zip(input_ids, image_starts):  # each row's 576 image tokens start there
+            assert (row[at:at + sv.N_VISUAL] == image_id).all() and (at == 0 or row[at - 1] != image_id)
     shape = binding.per_patch_shape(model, n_scenes=24)
     assert len(shape) == 2 and all(0.0 <= acc <= 1.0 for acc in shape)
     split = binding.colour_question_attention(model, n=60)
