@@ -82,6 +82,22 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 200, start: int = 0)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def learning_rates(step: int, args: argparse.Namespace, start: int) -> tuple[float, float]:
+    """(CLIP tower, everything else) learning rates at ``step``.
+
+    The first stage of ``--vision-first`` peaks at ``--vision-lr``, the rest of the run at ``--lr``
+    (warmup + cosine from ``start``); ``--tower-lr`` scales the tower's group to its own peak in both
+    stages, so the projector and the auxiliary heads can learn fast while a fresh tower's features are
+    kept (a tower at 2e-3 wrecks them; heads at 2e-4 leave even the colour of a patch unread for 400
+    steps: docs/quality.md, stops 17 and 20).
+    """
+    if step < args.vision_first and not args.vision_only:
+        lr, peak = lr_at(step, args.vision_first, args.vision_lr), args.vision_lr
+    else:
+        lr, peak = lr_at(step, args.steps, args.lr, start=start), args.lr
+    return (lr if args.tower_lr is None else lr * args.tower_lr / peak), lr
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2500)
@@ -106,11 +122,13 @@ def main() -> None:
                    help="steps below N train the tower and projector alone (as --vision-only, at --vision-lr "
                         "on their own cosine schedule), the later ones the whole model (warmup + cosine from N; "
                         "the object curriculum starts again at N): the whole recipe in one run")
-    p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument("--vision-lr", type=float, default=2e-3,
+                   help="peak learning rate of the --vision-first stage (projector, auxiliary heads, and the "
+                        "tower unless --tower-lr)")
     p.add_argument("--tower-lr", type=float, default=None,
-                   help="peak learning rate of the CLIP tower's own parameter group in the joint stage (it follows "
-                        "the same warmup + cosine); default: --lr, as the rest. A fresh tower's features are wrecked "
-                        "at 2e-3 (docs/quality.md, stop 17)")
+                   help="peak learning rate of the CLIP tower's own parameter group in both stages (it follows "
+                        "the stage's warmup + cosine); default: the stage's peak (--vision-lr, then --lr), as the "
+                        "rest. A fresh tower's features are wrecked at 2e-3 (docs/quality.md, stop 17)")
     p.add_argument("--aux-shape", choices=("patch", "pooled", "both"), default="patch",
                    help="shape target of the auxiliary loss: on every object patch, or once per object on its "
                         "patches' mean (shapes_vlm.object_shape_logits, a standardised linear head): shape is an "
@@ -244,11 +262,8 @@ def main() -> None:
     start = step if args.restart_schedule else args.vision_first
     while step < args.steps:
         vision_only = args.vision_only or step < args.vision_first
-        if vision_only and not args.vision_only:  # the first stage of --vision-first
-            lr, stage_start = lr_at(step, args.vision_first, args.vision_lr), 0
-        else:
-            lr, stage_start = lr_at(step, args.steps, args.lr, start=start), args.vision_first
-        tower_lr = lr if vision_only or args.tower_lr is None else lr * args.tower_lr / args.lr
+        stage_start = 0 if vision_only and not args.vision_only else args.vision_first
+        tower_lr, lr = learning_rates(step, args, start)
         optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"] = tower_lr, lr
         if args.freeze_tower and not vision_only:
             model.model.vision_tower.requires_grad_(False)

@@ -4,6 +4,7 @@ tiny steps in a subprocess: which parts each stage trains, and that a resume con
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,26 @@ def test_stem_pooled_shape_target_and_a_tower_learning_rate_of_its_own(tmp_path:
     second = _load(tmp_path / "model").state_dict()
     assert not _changed(first, second, "vision_tower"), "--tower-lr 0 let the tower change in the joint stage"
     assert _changed(first, second, "language_model") and _changed(first, second, "multi_modal_projector")
+
+
+def test_tower_learning_rate_is_its_own_in_the_vision_stage_and_after() -> None:
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tiny_vlm", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = argparse.Namespace(vision_first=400, vision_only=False, vision_lr=2e-3, lr=1.5e-3, steps=3400,
+                              tower_lr=2e-4)
+    # the vision stage's peak (step 199: end of warmup): heads at --vision-lr, the tower at --tower-lr
+    tower, rest = script.learning_rates(199, args, start=400)
+    assert math.isclose(rest, 2e-3) and math.isclose(tower, 2e-4)
+    # the joint stage's peak (step 400 + 199): the rest at --lr, the tower at --tower-lr
+    tower, rest = script.learning_rates(599, args, start=400)
+    assert math.isclose(rest, 1.5e-3) and math.isclose(tower, 2e-4)
+    # the tower follows the stage's cosine: a tenth of its peak at the end of the vision stage
+    tower, rest = script.learning_rates(399, args, start=400)
+    assert math.isclose(tower, 2e-5, rel_tol=1e-3) and math.isclose(rest, 2e-4, rel_tol=1e-3)
+    args.tower_lr = None  # without --tower-lr the tower learns as the rest in both stages
+    assert script.learning_rates(199, args, start=400) == (2e-3, 2e-3)
+    assert script.learning_rates(599, args, start=400) == (1.5e-3, 1.5e-3)
