@@ -220,7 +220,9 @@ def main() -> None:
     width = model.config.text_config.hidden_size
     aux_head = torch.nn.Linear(width, sum(sv.PATCH_CLASSES))
     # per-dimension standardisation: the pooled features differ by a few % of their shared norm
-    shape_head = torch.nn.Sequential(torch.nn.BatchNorm1d(width, affine=False), torch.nn.Linear(width, len(sv.syn.SHAPES)))
+    shape_head = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(width, affine=False), torch.nn.Linear(width, len(sv.syn.SHAPES))
+    )
     projected: list[torch.Tensor] = []
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.append(out))
     focus_inputs: list[dict] = []
