@@ -100,6 +100,15 @@ def learning_rates(step: int, args: argparse.Namespace, start: int) -> tuple[flo
     return (lr if args.tower_lr is None else lr * args.tower_lr / peak), lr
 
 
+def aux_shape_at(step: int, args: argparse.Namespace) -> str:
+    """The auxiliary loss's shape target at ``step``: ``--aux-shape``, or ``both`` from
+    ``--aux-shape-both-from`` on (pooled first gets shape learnt early, as in the fourth one-run try;
+    the per-patch target then spreads it to every token, which binding needs: docs/quality.md)."""
+    if args.aux_shape_both_from is not None and step >= args.aux_shape_both_from:
+        return "both"
+    return args.aux_shape
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2500)
@@ -137,6 +146,9 @@ def main() -> None:
                         "object's property, interior patches cannot show it; or both: the pooled target gets "
                         "shape learnt, the per-patch one puts it in every token, which the LM's attention needs to "
                         "find the object a question names (docs/quality.md, stop 19)")
+    p.add_argument("--aux-shape-both-from", type=int, default=None, metavar="STEP",
+                   help="with --aux-shape pooled: add the per-patch shape target from STEP on (--aux-shape both "
+                        "from then), once the tower has learnt shape at the object level")
     p.add_argument("--stem", action="store_true",
                    help="from scratch: start the tower's patch filters with oriented step edges "
                         "(shapes_vlm.oriented_edge_stem)")
@@ -216,6 +228,8 @@ def main() -> None:
         p.error(f"--aux-weights: {args.aux_weights!r} is not three numbers (colour, shape, column), e.g. 1,4,1")
     if (args.vision_only or args.vision_first) and not args.aux:
         p.error("--vision-only / --vision-first train on the auxiliary loss alone: --aux must be > 0")
+    if args.aux_shape_both_from is not None and args.aux_shape != "pooled":
+        p.error("--aux-shape-both-from switches the pooled shape target to both: it needs --aux-shape pooled")
     if args.vision_first and (args.vision_only or args.restart_schedule):
         p.error("--vision-first sets its own two schedules: drop --vision-only / --restart-schedule")
     model.train()
@@ -296,9 +310,10 @@ def main() -> None:
             focus = sv.focus_loss(weights, focus_query, focus_tokens)
             focus_losses.append(focus.item())
             loss = loss + args.focus * focus
+        aux_shape = aux_shape_at(step, args)
         if args.aux:
             aux_logits = aux_head(projected[-1])
-            aux, seen = sv.auxiliary_loss(aux_logits, projected[-1], patch_labels, shape_head, args.aux_shape,
+            aux, seen = sv.auxiliary_loss(aux_logits, projected[-1], patch_labels, shape_head, aux_shape,
                                           weights=aux_weights, balanced=args.aux_balanced)
             aux_losses.append(aux.item())
             aux_accuracy.append(seen)
@@ -317,7 +332,7 @@ def main() -> None:
             seen = [sum(a[k] for a in aux_accuracy[-25:]) / len(aux_accuracy[-25:]) for k in range(3)]
             focus_mean = sum(focus_losses[-25:]) / len(focus_losses[-25:])
             print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} focus {focus_mean:.3f} "
-                  f"(object patches: colour {seen[0]:.2f} shape{' (pooled)' if args.aux_shape == 'pooled' else ''} "
+                  f"(object patches: colour {seen[0]:.2f} shape{' (pooled)' if aux_shape == 'pooled' else ''} "
                   f"{seen[1]:.2f} column {seen[2]:.2f}) "
                   f"objects<={objects} lr {lr:.2e} {rate:.2f} s/step", flush=True)
         if step % args.eval_every == 0 or step == args.steps:

@@ -60,8 +60,9 @@ def test_stem_pooled_shape_target_and_a_tower_learning_rate_of_its_own(tmp_path:
 
     args = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "model"), "--state-dir", str(tmp_path / "state"),
             "--batch", "2", "--pairs", "2", "--eval-every", "1000", "--save-every", "1", "--vision-first", "1",
-            "--vision-layers", "3", "--stem", "--aux-shape", "pooled", "--tower-lr", "0"]
-    for steps in ("1", "2"):  # the vision-only step, then (resumed) a joint step with the tower at lr 0
+            "--vision-layers", "3", "--stem", "--aux-shape", "pooled", "--aux-shape-both-from", "1", "--tower-lr", "0"]
+    # the vision-only step (pooled shape target), then (resumed) a joint step with the tower at lr 0 (both targets)
+    for steps in ("1", "2"):
         done = subprocess.run([*args, "--steps", steps], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         if steps == "1":
@@ -99,3 +100,20 @@ def test_tower_learning_rate_is_its_own_in_the_vision_stage_and_after() -> None:
     args.tower_lr = None  # without --tower-lr the tower learns as the rest in both stages
     assert script.learning_rates(199, args, start=400) == (2e-3, 2e-3)
     assert script.learning_rates(599, args, start=400) == (1.5e-3, 1.5e-3)
+
+
+def test_pooled_shape_target_becomes_both_at_the_given_step() -> None:
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tiny_vlm", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = argparse.Namespace(aux_shape="pooled", aux_shape_both_from=1400)
+    assert [script.aux_shape_at(s, args) for s in (0, 1399, 1400, 3000)] == ["pooled", "pooled", "both", "both"]
+    args.aux_shape_both_from = None  # without the flag the target never changes
+    assert {script.aux_shape_at(s, args) for s in (0, 1400, 3000)} == {"pooled"}
+    # the switch only makes sense from the pooled target: anything else is refused with a message
+    run = subprocess.run([sys.executable, str(SCRIPT), "--aux-shape", "patch", "--aux-shape-both-from", "10"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "needs --aux-shape pooled" in run.stderr
