@@ -39,7 +39,9 @@ reached 86.0 % test, colour questions 66 - 71 %: its tokens carry shape only in 
 --focus head cannot find the named object (examples/probe_binding.py). --aux-shape both (stop 19) adds
 the per-token target back: that run (stop 20) binds colour (100 %) but learnt shape per token late, 84.0 %
 test. In the --vision-first stage --tower-lr now holds for the tower alone (the projector and heads at
---vision-lr): a seventh try runs --vision-first 1200 --vision-lr 2e-3 --tower-lr 2e-4 --steps 3800.
+--vision-lr): a seventh try (--vision-first 1200 --vision-lr 2e-3 --tower-lr 2e-4 --steps 3800) was no better.
+The best one run so far (stop 21, 2 h 1 min, 88.3 % test) is the fourth run's command with
+--aux-shape-both-from 1400: shape per token, but colour still unbound (68 - 70 %).
 
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
