@@ -79,13 +79,20 @@ def test_stem_pooled_shape_target_and_a_tower_learning_rate_of_its_own(tmp_path:
     assert _changed(first, second, "language_model") and _changed(first, second, "multi_modal_projector")
 
 
-def test_tower_learning_rate_is_its_own_in_the_vision_stage_and_after() -> None:
-    import argparse
+def _script_module():
+    """The training script imported as a module, for its pure helpers (schedules)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_tiny_vlm", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_tower_learning_rate_is_its_own_in_the_vision_stage_and_after() -> None:
+    import argparse
+
+    script = _script_module()
     args = argparse.Namespace(vision_first=400, vision_only=False, vision_lr=2e-3, lr=1.5e-3, steps=3400,
                               tower_lr=2e-4)
     # the vision stage's peak (step 199: end of warmup): heads at --vision-lr, the tower at --tower-lr
@@ -104,11 +111,8 @@ def test_tower_learning_rate_is_its_own_in_the_vision_stage_and_after() -> None:
 
 def test_pooled_shape_target_becomes_both_at_the_given_step() -> None:
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_tiny_vlm", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script_module()
     args = argparse.Namespace(aux_shape="pooled", aux_shape_both_from=1400)
     assert [script.aux_shape_at(s, args) for s in (0, 1399, 1400, 3000)] == ["pooled", "pooled", "both", "both"]
     args.aux_shape_both_from = None  # without the flag the target never changes
