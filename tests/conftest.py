@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -11,6 +15,24 @@ from pio_fvlm.select import SelectionRequest, select_with_nms
 from pio_fvlm.testing import FAMILIES, Prompt, make_batch, tiny_llava, tiny_vlm
 
 torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str) -> ModuleType:
+    """A script of the repository (``"examples/train_tiny_vlm.py"``, ``"benchmarks/quality.py"``)
+    imported as a module, for its functions; its folder is on ``sys.path`` while it loads, as
+    when it runs (``probe_binding`` imports its neighbour ``probe_tower_shape``)."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
 
 
 class FixedSelector:

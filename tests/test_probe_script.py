@@ -3,21 +3,16 @@ not one that is absent, and the oriented-edge stem's filters answer to edges of 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "probe_tower_shape.py"
+from conftest import load_script
 
 
 def _probe_module():
-    spec = importlib.util.spec_from_file_location("probe_tower_shape", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/probe_tower_shape.py")
 
 
 def test_ridge_probe_reads_an_encoded_class_and_not_noise() -> None:
@@ -50,17 +45,9 @@ def test_oriented_edge_stem_filters_answer_to_their_orientation() -> None:
 
 
 def test_binding_probe_measures_every_layer_and_splits_colour_questions_by_outcome() -> None:
-    import sys
-
     from pio_fvlm import shapes_vlm as sv
 
-    sys.path.insert(0, str(SCRIPT.parent))  # probe_binding imports the ridge probe from its neighbour
-    try:
-        spec = importlib.util.spec_from_file_location("probe_binding", SCRIPT.parent / "probe_binding.py")
-        binding = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(binding)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    binding = load_script("examples/probe_binding.py")  # it imports the ridge probe from its neighbour
     model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
     model.set_attn_implementation("eager")
     items = sv.eval_set_with_owners(30, seed=5)

@@ -2,24 +2,19 @@
 the oracle keeps the asked-about objects' tokens first, so the share of those tokens kept must
 be min(1, budget / their count) per question (this checks the left-padding offsets too)."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import load_script
 from pio_fvlm import shapes_vlm as sv
 from pio_fvlm import synthetic as syn
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def load_quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/quality.py")
 
 
 def test_quality_benchmark_runs_and_counts_kept_object_tokens_exactly(tmp_path):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_vlm.py"
 
 
@@ -81,12 +83,7 @@ def test_stem_pooled_shape_target_and_a_tower_learning_rate_of_its_own(tmp_path:
 
 def _script_module():
     """The training script imported as a module, for its pure helpers (schedules)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_tiny_vlm", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    return load_script("examples/train_tiny_vlm.py")
 
 
 def test_tower_learning_rate_is_its_own_in_the_vision_stage_and_after() -> None:
