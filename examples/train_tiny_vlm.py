@@ -41,7 +41,8 @@ the per-token target back: that run (stop 20) binds colour (100 %) but learnt sh
 test. In the --vision-first stage --tower-lr now holds for the tower alone (the projector and heads at
 --vision-lr): a seventh try (--vision-first 1200 --vision-lr 2e-3 --tower-lr 2e-4 --steps 3800) was no better.
 The best one run so far (stop 21, 2 h 1 min, 88.3 % test) is the fourth run's command with
---aux-shape-both-from 1400: shape per token, but colour still unbound (68 - 70 %).
+--aux-shape-both-from 1400: shape per token, but colour still unbound (68 - 70 %). The same with
+--aux-shape-both-from 1000 (stop 22, 1 h 39 min) was worse, 81.7 %: colour as unbound, shape later.
 
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
