@@ -26,7 +26,6 @@ from transformers import LlavaForConditionalGeneration
 
 from pio_fvlm import shapes_vlm as sv
 
-VALIDATION_SEED = 777_001  # train_tiny_vlm.VALIDATION_SEED
 THIRD_SEED = 555_123
 
 
@@ -36,7 +35,7 @@ def splits(scale: float = 1.0) -> dict[str, tuple[list[sv.EvalItem], bool]]:
         return max(1, round(count * scale))
 
     test = sv.eval_set(n(300))
-    return {"val600": (sv.eval_set(n(600), seed=VALIDATION_SEED), False), "test300": (test, False),
+    return {"val600": (sv.eval_set(n(600), seed=sv.VALIDATION_SEED), False), "test300": (test, False),
             "blank300": (test, True), "seed555123": (sv.eval_set(n(600), seed=THIRD_SEED), False)}
 
 

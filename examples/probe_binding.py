@@ -62,7 +62,7 @@ def per_patch_shape(model, n_scenes: int = 240, seed: int = 424_242) -> list[flo
 
 
 @torch.no_grad()
-def colour_question_attention(model, n: int = 1200, seed: int = 777_001) -> dict[bool, dict]:
+def colour_question_attention(model, n: int = 1200, seed: int = sv.VALIDATION_SEED) -> dict[bool, dict]:
     """{answered right: {"count": questions, "in scene": answers that are a colour in the scene,
     "named": (layers, heads), "others": (layers, heads)}}: mean attention weight from the answer
     position on the named object's / the other objects' tokens."""

@@ -69,8 +69,6 @@ import torch
 
 from pio_fvlm import shapes_vlm as sv
 
-VALIDATION_SEED = 777_001
-
 
 def curriculum(step: int, ramp: int) -> int:
     """Most objects per scene at this step: one for the first third of the ramp (to learn to see
@@ -273,7 +271,7 @@ def main() -> None:
         aux_head.load_state_dict(heads["aux"])
         shape_head.load_state_dict(heads["shape"])
     processor = sv.build_processor()
-    split = sv.eval_set(150, seed=VALIDATION_SEED)  # not the test split benchmarks/quality.py reports on
+    split = sv.eval_set(150, seed=sv.VALIDATION_SEED)  # not the test split benchmarks/quality.py reports on
     rng = random.Random(1234 + info["step"])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f} M parameters; {args.steps - info['step']} steps to go")

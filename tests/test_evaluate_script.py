@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_script
+from conftest import REPO, load_script
 
 
-def _module(name: str):
-    return load_script(f"examples/{name}.py")
+def _evaluation():
+    return load_script("examples/evaluate_tiny_vlm.py")
 
 
 def _keys(items: list) -> list:
@@ -22,14 +22,15 @@ def _keys(items: list) -> list:
 def test_validation_split_is_the_training_scripts_and_blank_reuses_the_test_questions() -> None:
     from pio_fvlm import shapes_vlm as sv
 
-    evaluation = _module("evaluate_tiny_vlm")
-    assert evaluation.VALIDATION_SEED == _module("train_tiny_vlm").VALIDATION_SEED
+    evaluation = _evaluation()
+    # the training script validates on the same seed's first 150 questions
+    assert "sv.eval_set(150, seed=sv.VALIDATION_SEED)" in (REPO / "examples" / "train_tiny_vlm.py").read_text()
     split = evaluation.splits(scale=0.05)
     assert {name: len(items) for name, (items, _) in split.items()} == {
         "val600": 30, "test300": 15, "blank300": 15, "seed555123": 30}
     assert [blank for _, blank in split.values()] == [False, False, True, False]
     assert split["blank300"][0] is split["test300"][0]
-    trained_on = sv.eval_set(10, seed=evaluation.VALIDATION_SEED)  # what the script's 150-question check starts with
+    trained_on = sv.eval_set(10, seed=sv.VALIDATION_SEED)  # what the script's 150-question check starts with
     assert _keys(split["val600"][0][:10]) == _keys(trained_on)
     assert _keys(split["test300"][0]) == _keys(sv.eval_set(15))
     assert _keys(split["test300"][0][:10]) != _keys(trained_on)
@@ -37,7 +38,7 @@ def test_validation_split_is_the_training_scripts_and_blank_reuses_the_test_ques
 
 
 def test_shipped_checkpoint_reads_images_and_lines_parse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    evaluation = _module("evaluate_tiny_vlm")
+    evaluation = _evaluation()
     out = tmp_path / "eval.json"
     results = evaluation.main(["--scale", "0.05", "--out", str(out)])  # the shipped checkpoint, 15 test questions
     lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
@@ -50,4 +51,4 @@ def test_shipped_checkpoint_reads_images_and_lines_parse(tmp_path: Path, capsys:
 
 def test_scale_outside_zero_one_is_refused() -> None:
     with pytest.raises(SystemExit):
-        _module("evaluate_tiny_vlm").main(["--scale", "0"])
+        _evaluation().main(["--scale", "0"])

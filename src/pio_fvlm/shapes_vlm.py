@@ -500,6 +500,10 @@ def hide_dropped_tokens(layers: torch.nn.ModuleList, first: int, keep_columns: l
 
 EvalItem = tuple[np.ndarray, list[syn.Obj], syn.QA]
 
+# the training script's validation split (``eval_set(150, seed=VALIDATION_SEED)``): decisions are made
+# on it, never on the test split (``eval_set``'s default seed)
+VALIDATION_SEED = 777_001
+
 
 def eval_set(n: int = 300, seed: int = 10_000_019, max_objects: int = 4) -> list[EvalItem]:
     """A held-out split (its own seed): one question per scene, types in rotation."""
