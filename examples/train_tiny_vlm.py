@@ -44,7 +44,8 @@ The best one run so far (stop 21, 2 h 1 min, 88.3 % test) is the fourth run's co
 --aux-shape-both-from 1400: shape per token, but colour still unbound (68 - 70 %). The same with
 --aux-shape-both-from 1000 (stop 22, 1 h 39 min) was worse, 81.7 %: colour as unbound, shape later.
 The sixth run's command with --vision-lr 2e-3 --aux-weights 1,6,1 (stop 23, 1 h 39 min) got per-token
-shape earlier but never bound colour (70.0 %): per-token shape is needed, not sufficient.
+shape earlier but never bound colour (70.0 %): per-token shape is needed, not sufficient; 400 more steps
+with the rate back at 1e-3 began the binding (75.3 %): a high rate once tokens carry shape is the next lever.
 
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
