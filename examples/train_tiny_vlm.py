@@ -104,6 +104,16 @@ def learning_rates(step: int, args: argparse.Namespace, start: int) -> tuple[flo
     return (lr if args.tower_lr is None else lr * args.tower_lr / peak), lr
 
 
+def parameter_groups(model: torch.nn.Module, *heads: torch.nn.Module) -> tuple[list, list]:
+    """The optimizer's two groups, in the order its saved state indexes them: the CLIP tower's
+    parameters, then every other parameter of the model followed by the training heads'."""
+    tower = list(model.model.vision_tower.parameters())
+    in_tower = {id(t) for t in tower}
+    trained_heads = [t for head in heads for t in head.parameters()]
+    rest = [t for t in [*model.parameters(), *trained_heads] if id(t) not in in_tower]
+    return tower, rest
+
+
 def aux_shape_at(step: int, args: argparse.Namespace) -> str:
     """The auxiliary loss's shape target at ``step``: ``--aux-shape``, or ``both`` from
     ``--aux-shape-both-from`` on (pooled first gets shape learnt early, as in the fourth one-run try;
@@ -257,9 +267,7 @@ def main() -> None:
     keep_columns: list[torch.Tensor] = []
     if args.drop:
         sv.hide_dropped_tokens(model.model.language_model.layers, args.drop_layer, keep_columns)
-    tower = list(model.model.vision_tower.parameters())
-    in_tower = {id(t) for t in tower}
-    rest = [t for t in [*model.parameters(), *aux_head.parameters(), *shape_head.parameters()] if id(t) not in in_tower]
+    tower, rest = parameter_groups(model, aux_head, shape_head)
     optimizer = torch.optim.AdamW([{"params": tower}, {"params": rest}], lr=args.lr, weight_decay=0.01)
     opt_path, aux_path = state_dir / "optimizer.pt", state_dir / "aux_head.pt"
     if info["step"] > 0 and opt_path.exists():

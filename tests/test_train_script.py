@@ -118,3 +118,18 @@ def test_pooled_shape_target_becomes_both_at_the_given_step() -> None:
     run = subprocess.run([sys.executable, str(SCRIPT), "--aux-shape", "patch", "--aux-shape-both-from", "10"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "needs --aux-shape pooled" in run.stderr
+
+
+def test_parameter_groups_split_the_tower_from_the_rest_with_the_heads_last() -> None:
+    from pio_fvlm import shapes_vlm as sv
+
+    script = _script_module()
+    model = sv.build_model()
+    head_a, head_b = torch.nn.Linear(4, 2), torch.nn.Linear(2, 3)
+    tower, rest = script.parameter_groups(model, head_a, head_b)
+    assert [id(t) for t in tower] == [id(t) for t in model.model.vision_tower.parameters()]
+    in_tower = {id(t) for t in tower}
+    assert [id(t) for t in rest[:-4]] == [id(t) for t in model.parameters() if id(t) not in in_tower]
+    # the heads come last, so a saved optimizer state indexes the model's parameters the same with or without them
+    assert [id(t) for t in rest[-4:]] == [id(t) for t in [*head_a.parameters(), *head_b.parameters()]]
+    assert len({id(t) for t in tower + rest}) == len(tower) + len(rest)

@@ -3,14 +3,24 @@
     python reinit_focus_head.py MODEL_DIR STATE_DIR [--layer 2 --head 0]
 """
 import argparse
+import importlib.util
+from pathlib import Path
 
 import torch
 from transformers import LlavaForConditionalGeneration
 
+TRAIN_SCRIPT = Path(__file__).resolve().parents[4] / "examples" / "train_tiny_vlm.py"
+
 p = argparse.ArgumentParser()
-p.add_argument("model"); p.add_argument("state")
-p.add_argument("--layer", type=int, default=2); p.add_argument("--head", type=int, default=0)
+p.add_argument("model")
+p.add_argument("state")
+p.add_argument("--layer", type=int, default=2)
+p.add_argument("--head", type=int, default=0)
 a = p.parse_args()
+spec = importlib.util.spec_from_file_location("train_tiny_vlm", TRAIN_SCRIPT)
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+
 model = LlavaForConditionalGeneration.from_pretrained(a.model)
 attn = model.model.language_model.layers[a.layer].self_attn
 d = attn.head_dim
@@ -19,9 +29,8 @@ g = torch.Generator().manual_seed(0)
 with torch.no_grad():
     for proj in (attn.q_proj, attn.k_proj):
         proj.weight[rows] = torch.randn(proj.weight[rows].shape, generator=g) * model.config.text_config.initializer_range
-# the optimizer's parameter order, as train_tiny_vlm.py builds it: the tower's group, then the rest
-tower = {id(t) for t in model.model.vision_tower.parameters()}
-order = [t for t in model.model.vision_tower.parameters()] + [t for t in model.parameters() if id(t) not in tower]
+# the optimizer state indexes parameters in the training script's group order (the heads come last)
+order = [t for group in train.parameter_groups(model) for t in group]
 opt = torch.load(f"{a.state}/optimizer.pt")
 for proj in (attn.q_proj, attn.k_proj):
     idx = next(i for i, t in enumerate(order) if t is proj.weight)
