@@ -92,13 +92,17 @@ def learning_rates(step: int, args: argparse.Namespace, start: int) -> tuple[flo
     """(CLIP tower, everything else) learning rates at ``step``.
 
     The first stage of ``--vision-first`` peaks at ``--vision-lr``, the rest of the run at ``--lr``
-    (warmup + cosine from ``start``); ``--tower-lr`` scales the tower's group to its own peak in both
+    (warmup + cosine from ``start``), from ``--restart-at`` on at ``--restart-lr`` (a second warmup + cosine
+    to ``--steps``); ``--tower-lr`` scales the tower's group to its own peak in both
     stages, so the projector and the auxiliary heads can learn fast while a fresh tower's features are
     kept (a tower at 2e-3 wrecks them; heads at 2e-4 leave even the colour of a patch unread for 400
     steps: docs/quality.md, stops 17 and 20).
     """
     if step < args.vision_first and not args.vision_only:
         lr, peak = lr_at(step, args.vision_first, args.vision_lr), args.vision_lr
+    elif args.restart_at is not None and step >= args.restart_at:  # a second warmup + cosine inside the same run
+        peak = args.restart_lr if args.restart_lr is not None else args.lr
+        lr = lr_at(step, args.steps, peak, start=args.restart_at)
     else:
         lr, peak = lr_at(step, args.steps, args.lr, start=start), args.lr
     return (lr if args.tower_lr is None else lr * args.tower_lr / peak), lr
@@ -179,6 +183,12 @@ def main() -> None:
     p.add_argument("--restart-schedule", action="store_true",
                    help="warm up and decay the learning rate from the step this invocation starts at, "
                         "not from 0 (resuming an interrupted run with this flag warms up again)")
+    p.add_argument("--restart-at", type=int, default=None, metavar="STEP",
+                   help="in the same run, warm up again from STEP and decay to --steps at --restart-lr: the rate "
+                        "back up once the tokens carry shape, when the colour binding must form (docs/quality.md, "
+                        "stop 23's continuation); STEP is a step of the run, not of this invocation")
+    p.add_argument("--restart-lr", type=float, default=None,
+                   help="peak learning rate from --restart-at on (default: --lr)")
     p.add_argument("--text-layers", type=int, default=None,
                    help="grow the LM to this many decoder layers (new layers start as exact identities, "
                         "see shapes_vlm.deepen_language_model; AdamW's moments restart when it grows)")
@@ -246,6 +256,11 @@ def main() -> None:
         p.error("--aux-shape-both-from switches the pooled shape target to both: it needs --aux-shape pooled")
     if args.vision_first and (args.vision_only or args.restart_schedule):
         p.error("--vision-first sets its own two schedules: drop --vision-only / --restart-schedule")
+    if args.restart_at is not None and not max(args.vision_first, 1) <= args.restart_at < args.steps - 200:
+        p.error(f"--restart-at must be a step after the vision stage and at least 200 (a warmup) before --steps "
+                f"{args.steps}: got {args.restart_at}")
+    if args.restart_lr is not None and args.restart_at is None:
+        p.error("--restart-lr is the peak from --restart-at on: give --restart-at too")
     model.train()
     width = model.config.text_config.hidden_size
     aux_head = torch.nn.Linear(width, sum(sv.PATCH_CLASSES))

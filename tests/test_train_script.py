@@ -91,7 +91,7 @@ def test_tower_learning_rate_is_its_own_in_the_vision_stage_and_after() -> None:
 
     script = _script_module()
     args = argparse.Namespace(vision_first=400, vision_only=False, vision_lr=2e-3, lr=1.5e-3, steps=3400,
-                              tower_lr=2e-4)
+                              tower_lr=2e-4, restart_at=None, restart_lr=None)
     # the vision stage's peak (step 199: end of warmup): heads at --vision-lr, the tower at --tower-lr
     tower, rest = script.learning_rates(199, args, start=400)
     assert math.isclose(rest, 2e-3) and math.isclose(tower, 2e-4)
@@ -104,6 +104,24 @@ def test_tower_learning_rate_is_its_own_in_the_vision_stage_and_after() -> None:
     args.tower_lr = None  # without --tower-lr the tower learns as the rest in both stages
     assert script.learning_rates(199, args, start=400) == (2e-3, 2e-3)
     assert script.learning_rates(599, args, start=400) == (1.5e-3, 1.5e-3)
+
+
+def test_restart_at_warms_the_rate_up_again_inside_the_run() -> None:
+    import argparse
+
+    script = _script_module()
+    args = argparse.Namespace(vision_first=400, vision_only=False, vision_lr=2e-3, lr=1.5e-3, steps=3400,
+                              tower_lr=2e-4, restart_at=2600, restart_lr=1e-3)
+    before = script.learning_rates(2599, args, start=400)
+    assert math.isclose(before[1], script.lr_at(2599, 3400, 1.5e-3, start=400))  # the first cosine, ~4e-4
+    # a fresh warmup from the restart step: 1/200 of the new peak, the peak after 200 steps ...
+    assert math.isclose(script.learning_rates(2600, args, start=400)[1], 1e-3 / 200)
+    tower, rest = script.learning_rates(2799, args, start=400)
+    assert math.isclose(rest, 1e-3) and math.isclose(tower, 2e-4)  # the tower keeps its own peak
+    # ... and down to a tenth of it at the run's last step
+    assert math.isclose(script.learning_rates(3400, args, start=400)[1], 1e-4, rel_tol=1e-6)
+    args.restart_lr = None  # default peak: --lr
+    assert math.isclose(script.learning_rates(2799, args, start=400)[1], 1.5e-3)
 
 
 def test_pooled_shape_target_becomes_both_at_the_given_step() -> None:
