@@ -157,7 +157,7 @@ def accuracy_and_coverage(model: Any, items: list[tuple[sv.EvalItem, Any]]) -> t
             targets = syn.question_objects(qa, objects)
             if targets:
                 # left padding: the image's 576 tokens start at length - len(row)
-                kept_owners = owners[positions.numpy() - (length - len(row))]
+                kept_owners = owners[positions.cpu().numpy() - (length - len(row))]
                 covered.append(all(t in kept_owners for t in targets))
                 token_share.append(np.isin(kept_owners, targets).sum() / np.isin(owners, targets).sum())
 
@@ -165,9 +165,15 @@ def accuracy_and_coverage(model: Any, items: list[tuple[sv.EvalItem, Any]]) -> t
     return accuracy, float(np.mean(covered)), float(np.mean(token_share))
 
 
+def load_model(args: argparse.Namespace) -> Any:
+    """The checkpoint on ``--device`` in ``--dtype`` with the ``--attn`` backend."""
+    return LlavaForConditionalGeneration.from_pretrained(
+        args.model, dtype=getattr(torch, args.dtype), attn_implementation=args.attn).to(args.device).eval()
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every variant at every budget on the split (see the module docstring)."""
-    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
+    model = load_model(args)
     items = sv.eval_set_with_owners(args.items)
     split = [item for item, _ in items]
     full = sv.evaluate(model, split)
@@ -201,7 +207,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{name:<22}" + "".join(f"{rows[name][b] / full['all']:>9.1%}" for b in args.budgets)
               + "   objects seen: " + " ".join(f"{coverage[name][b]:.0%}" for b in args.budgets)
               + "   their tokens kept: " + " ".join(f"{token_share[name][b]:.0%}" for b in args.budgets), flush=True)
-    result = {"items": args.items, "full": full, "blank": blank, "answer_prior": prior, "accuracy": rows,
+    result = {"items": args.items, "device": str(model.device), "dtype": args.dtype, "attn": args.attn,
+              "full": full, "blank": blank, "answer_prior": prior, "accuracy": rows,
               "one_token_from_layer": floor, "questions_with_every_object_kept": coverage,
               "share_of_object_tokens_kept": token_share,
               "training_state": json.loads((Path(args.model) / "training_state.json").read_text())["step"]}
@@ -215,7 +222,7 @@ def default_out(model: str | Path) -> Path:
     return Path(model) / "quality.json"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=300)
     p.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64, 32, 16])
@@ -225,8 +232,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "shipped checkpoint, <model>/quality.json for any other (so a run never overwrites "
                         "the shipped checkpoint's record)")
     p.add_argument("--model", default=str(sv.ASSET_DIR), help="a tiny-shapes checkpoint folder")
+    p.add_argument("--device", default="cpu", help="e.g. cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
+                   help="attention backend (FastV reads attention from the layer's projections: any works)")
     p.add_argument("--table", metavar="JSON", help="print the markdown table of a saved result and exit")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     if args.table:
         result = json.loads(Path(args.table).read_text())
         print(markdown_table(result))

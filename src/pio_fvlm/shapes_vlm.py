@@ -534,9 +534,11 @@ def prompt_rows(qas: list[syn.QA]) -> list[list[int]]:
 
 @torch.no_grad()
 def answer_batch(model: Any, images: list[np.ndarray], qas: list[syn.QA]) -> list[str]:
-    """Greedy one-word answers (next-token argmax after "... ? answer")."""
+    """Greedy one-word answers (next-token argmax after "... ? answer"), on the model's device and dtype."""
     input_ids, mask = prompt_batch(qas)
-    logits = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels(images), logits_to_keep=1).logits
+    device = model.device
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                   pixel_values=pixels(images).to(device, model.dtype), logits_to_keep=1).logits
     return [syn.VOCAB[int(t)] for t in logits[:, -1].argmax(-1)]
 
 
