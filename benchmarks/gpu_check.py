@@ -44,37 +44,20 @@ QWEN_SMALL_GRID = (1, 8, 8)
 def build(name: str, small: bool, dtype: torch.dtype, device: str) -> nn.Module:
     """``name`` in {llava-1.5-7b, qwen2.5-vl-7b}: real shapes (or tiny ones with ``small``), random weights,
     built directly on ``device`` in ``dtype``."""
-    from transformers import LlavaForConditionalGeneration, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from pio_fvlm.bench import miniature_llava
-    from pio_fvlm.testing import llava15_7b_config, tiny_vlm
+    from pio_fvlm.bench import miniature_llava, random_llava15_7b
+    from pio_fvlm.testing import build_on_device, qwen2_5_vl_7b_config, tiny_vlm
 
     torch.manual_seed(0)
     if small:
         model = miniature_llava(num_layers=4) if name == "llava-1.5-7b" else tiny_vlm("qwen2_5_vl", num_layers=4)
         return model.to(device=device, dtype=dtype).eval()
     if name == "llava-1.5-7b":
-        config, cls = llava15_7b_config(), LlavaForConditionalGeneration
-    else:  # Qwen/Qwen2.5-VL-7B-Instruct's config.json values
-        config = Qwen2_5_VLConfig(
-            text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                             num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
-                             rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                                              "rope_theta": 1000000.0}),
-            vision_config=dict(depth=32, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420,
-                               num_heads=16, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-            image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        )
-        cls = Qwen2_5_VLForConditionalGeneration
+        return random_llava15_7b("sdpa", dtype, device)
+    config = qwen2_5_vl_7b_config()
     config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    return build_on_device(Qwen2_5_VLForConditionalGeneration, config, dtype, device)
 
 
 def prompts_batch(model: nn.Module, texts: list[tuple[int, int]], small: bool) -> dict[str, torch.Tensor]:

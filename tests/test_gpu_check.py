@@ -37,3 +37,15 @@ def test_selection_breakdown_times_the_probe_and_the_nms_of_a_captured_request()
     assert row["nms_prefixes_walked"] and all(0 < m <= 45 for m in row["nms_prefixes_walked"])
     assert all(row[f"{part}_ms_median"] > 0 for part in ("probe", "nms", "selection"))
     assert not pio_fvlm.is_wrapped(model)
+
+
+@pytest.mark.parametrize("name, width", [("llava-1.5-7b", 4096), ("qwen2.5-vl-7b", 3584)])
+def test_gpu_check_builds_the_real_shapes_in_the_dtype_asked_for(name: str, width: int) -> None:
+    import torch
+
+    gpu_check = load_script("benchmarks/gpu_check.py")
+    model = gpu_check.build(name, small=False, dtype=torch.bfloat16, device="meta")  # shapes only, no memory
+    assert model.config.text_config.hidden_size == width and not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert torch.get_default_dtype() == torch.float32  # restored after the build

@@ -14,7 +14,6 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
-    Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -23,7 +22,7 @@ from transformers import (
 import pio_fvlm
 from pio_fvlm.models import adapter_for
 from pio_fvlm.select.saliency import supports_fast_probe
-from pio_fvlm.testing import CLIP_L_336, VICUNA_7B, llava15_7b_config
+from pio_fvlm.testing import CLIP_L_336, VICUNA_7B, llava15_7b_config, qwen2_5_vl_7b_config
 
 
 def test_llava15_7b_widths_run():
@@ -79,18 +78,7 @@ def test_llava15_7b_widths_run():
         ),
         (
             "Qwen/Qwen2.5-VL-7B-Instruct",
-            lambda: Qwen2_5_VLForConditionalGeneration(
-                Qwen2_5_VLConfig(
-                    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                                     rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                                                      "rope_theta": 1000000.0}),
-                    vision_config=dict(depth=32, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420,
-                                       num_heads=16, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-                    image_token_id=151655,
-                    video_token_id=151656,
-                )
-            ),
+            lambda: Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_7b_config()),
             (151655, 151656),
         ),
     ],

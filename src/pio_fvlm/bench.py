@@ -59,19 +59,12 @@ def random_llava15_7b(attn: str, dtype: torch.dtype, device: str, num_layers: in
     directly on ``device`` in ``dtype`` (about 14 GB in bf16): the GPU check without a download."""
     from transformers import LlavaForConditionalGeneration
 
-    from .testing import llava15_7b_config
+    from .testing import build_on_device, llava15_7b_config
 
     torch.manual_seed(0)
     config = llava15_7b_config(text_layers=num_layers)
     config._attn_implementation = attn
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    return build_on_device(LlavaForConditionalGeneration, config, dtype, device)
 
 
 def miniature_inputs(model: nn.Module, batch: int, text_tokens: int = 50) -> dict[str, torch.Tensor]:

@@ -55,6 +55,33 @@ def llava15_7b_config(text_layers: int = 32, vision_layers: int = 24) -> LlavaCo
     )
 
 
+def qwen2_5_vl_7b_config() -> Qwen2_5_VLConfig:
+    """Qwen/Qwen2.5-VL-7B-Instruct's configuration (config.json values): a 32-layer window-attention
+    tower of width 1280 and a 28 x 3584 Qwen2 LM with 4 key-value heads."""
+    return Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                          "rope_theta": 1000000.0}),
+        vision_config=dict(depth=32, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420, num_heads=16,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    )
+
+
+def build_on_device(cls: type[nn.Module], config: object, dtype: torch.dtype, device: str) -> nn.Module:
+    """``cls(config)`` in eval mode, its random weights created directly on ``device`` in ``dtype``
+    (a 7B model in bf16 on a GPU without a CPU copy; ``"meta"`` for shapes only)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
 def _text_config(num_layers: int, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
                  vocab_size: int) -> dict:
     return dict(
