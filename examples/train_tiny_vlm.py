@@ -45,7 +45,8 @@ The best one run so far (stop 21, 2 h 1 min, 88.3 % test) is the fourth run's co
 --aux-shape-both-from 1000 (stop 22, 1 h 39 min) was worse, 81.7 %: colour as unbound, shape later.
 The sixth run's command with --vision-lr 2e-3 --aux-weights 1,6,1 (stop 23, 1 h 39 min) got per-token
 shape earlier but never bound colour (70.0 %): per-token shape is needed, not sufficient; 400 more steps
-with the rate back at 1e-3 began the binding (75.3 %): a high rate once tokens carry shape is the next lever.
+with the rate back at 1e-3 began the binding (75.3 %). The eighth run's command with --restart-at 2600
+--restart-lr 1e-3 (stop 24, 1 h 39 min; identical to the eighth up to step 2,600) did not bind: 86.7 %.
 
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
