@@ -257,7 +257,7 @@ def main() -> None:
         p.error("--aux-shape-both-from switches the pooled shape target to both: it needs --aux-shape pooled")
     if args.vision_first and (args.vision_only or args.restart_schedule):
         p.error("--vision-first sets its own two schedules: drop --vision-only / --restart-schedule")
-    if args.restart_at is not None and not max(args.vision_first, 1) <= args.restart_at < args.steps - 200:
+    if args.restart_at is not None and not max(args.vision_first, 1) <= args.restart_at <= args.steps - 200:
         p.error(f"--restart-at must be a step after the vision stage and at least 200 (a warmup) before --steps "
                 f"{args.steps}: got {args.restart_at}")
     if args.restart_lr is not None and args.restart_at is None:
