@@ -86,6 +86,16 @@ def _script_module():
     return load_script("examples/train_tiny_vlm.py")
 
 
+def test_seed_changes_the_run_and_seed_zero_is_the_default(tmp_path: Path) -> None:
+    runs = {"default": (), "zero": ("--seed", "0"), "one": ("--seed", "1")}
+    weights = {}
+    for name, extra in runs.items():
+        _train(tmp_path / name, 3, *extra)  # two vision steps and one joint step
+        weights[name] = _load(tmp_path / name / "model").state_dict()
+    assert all(torch.equal(weights["default"][k], weights["zero"][k]) for k in weights["default"])
+    assert not all(torch.equal(weights["default"][k], weights["one"][k]) for k in weights["default"])
+
+
 def test_tower_learning_rate_is_its_own_in_the_vision_stage_and_after() -> None:
     import argparse
 
