@@ -36,6 +36,7 @@ from torch import nn
 
 import pio_fvlm
 from pio_fvlm.measure import synchronize, timed
+from pio_fvlm.testing import layer_lengths
 
 QWEN_FULL_GRID = (1, 48, 48)  # a 672 x 672 image: 2,304 patches, 576 tokens after the 2 x 2 merge
 QWEN_SMALL_GRID = (1, 8, 8)
@@ -111,28 +112,11 @@ def greedy(model: nn.Module, batch: dict[str, torch.Tensor], new_tokens: int) ->
 
 
 def kept_relative(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[set[int]]:
-    """Per sample, the kept visual tokens as offsets from that sample's first visual token."""
-    image = pio_fvlm.api._runtime(model).parts.visual_token_ids[0]
-    first = (batch["input_ids"] == image).int().argmax(dim=1)
+    """Per sample, the kept visual tokens of the last prefill on ``batch`` (``pio_fvlm.last_selection``;
+    decode steps leave it alone), as offsets from that sample's first visual token."""
+    first = (batch["input_ids"] == model.config.image_token_id).int().argmax(dim=1)
     selection = pio_fvlm.last_selection(model) or []
     return [set((s.cpu() - int(f)).tolist()) for s, f in zip(selection, first)]
-
-
-def layer_lengths(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[int]:
-    """Sequence length each decoder layer receives in one prefill."""
-    layers = pio_fvlm.api._runtime(model).parts.layers if pio_fvlm.is_wrapped(model) else None
-    assert layers is not None
-    seen: dict[int, int] = {}
-    hooks = [layer.register_forward_pre_hook(
-        lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True)
-        for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [seen[i] for i in sorted(seen)]
 
 
 def correctness(model: nn.Module, name: str, budget: int, new_tokens: int, small: bool) -> dict[str, Any]:
@@ -150,17 +134,15 @@ def correctness(model: nn.Module, name: str, budget: int, new_tokens: int, small
     full_batch, full_alone = greedy(model, pair, new_tokens), [greedy(model, prompts_batch(
         model, [t], small), new_tokens)[0] for t in [(1, 24), (2, 9)]]
     pio_fvlm.wrap(model, budget=budget)
-    result["layer_lengths"] = layer_lengths(model, one)
+    with torch.no_grad(), layer_lengths(model) as seen:
+        model(**one)
+    result["layer_lengths"] = [seen[i] for i in sorted(seen)]
     pio_batch = greedy(model, pair, new_tokens)
-    with torch.no_grad():
-        model(**pair)
     kept_batch = kept_relative(model, pair)
     pio_alone, kept_alone = [], []
     for t in [(1, 24), (2, 9)]:
         alone = prompts_batch(model, [t], small)
         pio_alone.append(greedy(model, alone, new_tokens)[0])
-        with torch.no_grad():
-            model(**alone)
         kept_alone.append(kept_relative(model, alone)[0])
     result["batch_vs_alone"] = {
         "tokens_agree_pio": [int((pio_batch[i] == pio_alone[i]).sum()) for i in range(2)],

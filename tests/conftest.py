@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from pio_fvlm.select import SelectionRequest, select_with_nms
-from pio_fvlm.testing import FAMILIES, Prompt, make_batch, tiny_llava, tiny_vlm
+from pio_fvlm.testing import FAMILIES, Prompt, layer_lengths, make_batch, tiny_llava, tiny_vlm  # noqa: F401
 
 torch.set_num_threads(2)
 
@@ -91,24 +90,6 @@ def any_model(request):
 def logits_equal_on_valid(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, atol: float = 1e-5) -> bool:
     m = mask.bool()
     return torch.allclose(a[m], b[m], atol=atol, rtol=1e-4)
-
-
-@contextmanager
-def layer_lengths(model):
-    """Records the sequence length each decoder layer receives (registered after pio_fvlm's
-    hooks, so it sees what the layer really gets). Yields {layer index: length}."""
-    seen: dict[int, int] = {}
-    handles = [
-        layer.register_forward_pre_hook(
-            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
-        )
-        for i, layer in enumerate(model.model.language_model.layers)
-    ]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 GREEDY = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])

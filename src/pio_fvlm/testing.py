@@ -7,6 +7,8 @@ family's extra tensors) for a list of :class:`Prompt`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +82,25 @@ def build_on_device(cls: type[nn.Module], config: object, dtype: torch.dtype, de
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
+
+
+@contextmanager
+def layer_lengths(model: nn.Module) -> Iterator[dict[int, int]]:
+    """Records the sequence length each decoder layer of ``model.model.language_model`` receives
+    (registered after pio_fvlm's hooks, so it sees what the layer really gets). Yields
+    {layer index: length}, filled by the forward calls inside the block."""
+    seen: dict[int, int] = {}
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
+        )
+        for i, layer in enumerate(model.model.language_model.layers)
+    ]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _text_config(num_layers: int, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
