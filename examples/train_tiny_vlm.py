@@ -207,6 +207,10 @@ def main() -> None:
     p.add_argument("--focus", type=float, default=0.0,
                    help="weight of an attention-supervision loss: one head (--focus-layer, --focus-head) "
                         "learns to look at the object a question names (teaches colour questions' binding)")
+    p.add_argument("--focus-relative", type=float, default=0.0,
+                   help="weight of a second --focus term: the named object's share of the head's weight on "
+                        "all objects (the background left out), on scenes with more than one object "
+                        "(shapes_vlm.focus_loss with among=)")
     p.add_argument("--focus-layer", type=int, default=2)
     p.add_argument("--focus-head", type=int, default=0)
     p.add_argument("--seed", type=int, default=0,
@@ -275,6 +279,8 @@ def main() -> None:
     projected: list[torch.Tensor] = []
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.append(out))
     focus_inputs: list[dict] = []
+    if args.focus_relative and not args.focus:
+        p.error("--focus-relative is a second term on the --focus head: give --focus too")
     if args.focus:
         if args.vision_only:
             p.error("--focus trains the LM's attention: it cannot go with --vision-only")
@@ -307,6 +313,7 @@ def main() -> None:
     print(f"{n_params / 1e6:.2f} M parameters; {args.steps - info['step']} steps to go")
 
     step, t0, losses, aux_losses, focus_losses = info["step"], time.time(), [], [0.0], [0.0]
+    relative_losses = [0.0]
     aux_accuracy: list[list[float]] = [[0.0, 0.0, 0.0]]
     start = step if args.restart_schedule else args.vision_first
     while step < args.steps:
@@ -320,12 +327,14 @@ def main() -> None:
         batch = sv.training_batch(rng, args.batch, objects, pairs=args.pairs, kind_weights=kind_weights or None)
         targets = sv.pop_targets(batch)
         patch_labels, focus_query, focus_tokens = (targets[name] for name in sv.TRAINING_TARGETS)
+        objects_seen = (patch_labels[:, 0] > 0)[:, None, :]  # (B, 1, 576): every object's tokens
         if args.drop:
             keep = sv.token_keep(patch_labels, rng, args.drop)
             text = torch.ones(keep.shape[0], batch["input_ids"].shape[1] - keep.shape[1], dtype=torch.bool)
             keep_columns[:] = [torch.cat([keep, text], dim=1)]  # the image comes first in every row
             if args.drop_layer <= args.focus_layer:  # hidden tokens cannot be looked at
                 focus_tokens &= keep[:, None, :]
+                objects_seen &= keep[:, None, :]
         projected.clear()
         focus_inputs.clear()
         if vision_only:  # the tower and projector alone; the LM gets no gradient
@@ -339,6 +348,10 @@ def main() -> None:
                                         kw["hidden_states"], kw["position_embeddings"], kw["attention_mask"],
                                         args.focus_head, focus_query)
             focus = sv.focus_loss(weights, focus_query, focus_tokens)
+            if args.focus_relative:  # logged "focus" stays the plain term, comparable with earlier runs
+                relative = sv.focus_loss(weights, focus_query, focus_tokens, among=objects_seen.expand_as(focus_tokens))
+                relative_losses.append(relative.item())
+                loss = loss + args.focus_relative * relative
             focus_losses.append(focus.item())
             loss = loss + args.focus * focus
         aux_shape = aux_shape_at(step, args)
@@ -362,7 +375,9 @@ def main() -> None:
             # the auxiliary head on the training batches' object patches: is the tower seeing shape?
             seen = [sum(a[k] for a in aux_accuracy[-25:]) / len(aux_accuracy[-25:]) for k in range(3)]
             focus_mean = sum(focus_losses[-25:]) / len(focus_losses[-25:])
-            print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} focus {focus_mean:.3f} "
+            relative_text = f"relative {sum(relative_losses[-25:]) / len(relative_losses[-25:]):.3f} " \
+                if args.focus_relative else ""
+            print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} focus {focus_mean:.3f} {relative_text}"
                   f"(object patches: colour {seen[0]:.2f} shape{' (pooled)' if aux_shape == 'pooled' else ''} "
                   f"{seen[1]:.2f} column {seen[2]:.2f}) "
                   f"objects<={objects} lr {lr:.2e} {rate:.2f} s/step", flush=True)

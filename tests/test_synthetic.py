@@ -367,6 +367,41 @@ def test_focus_targets_and_recomputed_head_attention_match_the_model():
     torch.testing.assert_close(loss, -(mass + 1e-6).log().mean())
 
 
+def test_relative_focus_loss_ignores_the_background_and_single_object_scenes() -> None:
+    import math
+
+    import torch
+
+    from pio_fvlm import shapes_vlm as sv
+
+    n = sv.N_VISUAL
+    weights = torch.zeros(1, 3, n + 5)  # 3 pairs; 5 text columns after the image
+    tokens = torch.zeros(1, 3, n, dtype=torch.bool)
+    among = torch.zeros(1, 3, n, dtype=torch.bool)
+    # pair 0: named object = tokens 0-3 (weight 0.1 each), another object = 10-11 (0.1 each), background 0.4
+    tokens[0, 0, 0:4] = True
+    among[0, 0, 0:4] = among[0, 0, 10:12] = True
+    weights[0, 0, 0:4] = weights[0, 0, 10:12] = 0.1
+    weights[0, 0, 100] = 0.4
+    # pair 1: the only object in the scene, half the weight on it: no other object, left out
+    tokens[0, 1, 20:22] = among[0, 1, 20:22] = True
+    weights[0, 1, 20:22] = 0.25
+    weights[0, 1, n] = 0.5
+    # pair 2: two objects weighted alike, nearly all the weight on the background
+    tokens[0, 2, 30] = True
+    among[0, 2, 30] = among[0, 2, 40] = True
+    weights[0, 2, 30] = weights[0, 2, 40] = 0.01
+    weights[0, 2, 200] = 0.98
+    query = torch.tensor([[7, 8, 9]])
+    got = sv.focus_loss(weights, query, tokens, among=among)
+    want = (-math.log(0.4 / 0.6) + math.log(2)) / 2  # pairs 0 and 2 only; background ignored
+    assert abs(got.item() - want) < 1e-4
+    plain = sv.focus_loss(weights, query, tokens)  # the plain loss counts the background, all 3 pairs
+    assert abs(plain.item() - (-math.log(0.4) - math.log(0.5) - math.log(0.01)) / 3) < 1e-4
+    query[0, 0] = query[0, 2] = -1  # no pair left with another object: zero, not NaN
+    assert sv.focus_loss(weights, query, tokens, among=among).item() == 0.0
+
+
 def test_object_shape_logits_pool_each_objects_tokens_and_name_its_shape() -> None:
     import torch
 

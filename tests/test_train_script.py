@@ -96,6 +96,18 @@ def test_seed_changes_the_run_and_seed_zero_is_the_default(tmp_path: Path) -> No
     assert not all(torch.equal(weights["default"][k], weights["one"][k]) for k in weights["default"])
 
 
+def test_focus_relative_adds_its_term_and_needs_focus(tmp_path: Path) -> None:
+    weights = {}
+    for name, extra in {"plain": (), "relative": ("--focus-relative", "1.0")}.items():
+        _train(tmp_path / name, 3, "--ramp", "0", *extra)  # up to 4 objects from the start
+        weights[name] = _load(tmp_path / name / "model").state_dict()
+    changed = _changed(weights["plain"], weights["relative"], "language_model")
+    assert changed, "--focus-relative did not change the joint step"
+    args = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "bad"), "--steps", "1", "--focus-relative", "1.0"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "give --focus too" in done.stderr
+
+
 def test_tower_learning_rate_is_its_own_in_the_vision_stage_and_after() -> None:
     import argparse
 

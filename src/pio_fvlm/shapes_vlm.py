@@ -429,22 +429,36 @@ def head_attention(attention: torch.nn.Module, hidden: torch.Tensor,
     return attention_rows(attention, hidden, position_embeddings, rows, allowed)[:, head]
 
 
-def focus_loss(weights: torch.Tensor, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def focus_loss(weights: torch.Tensor, query: torch.Tensor, tokens: torch.Tensor,
+               among: torch.Tensor | None = None) -> torch.Tensor:
     """Attention supervision for the training script's ``--focus``: minus the log of the weight a
     head puts on the visual tokens of the object a question asks about, at the position where
     the answer is predicted (a head that finds the object named in the question; without it the
     tiny LM answers colour questions with any colour in the image).
 
+    With ``among`` (the training script's ``--focus-relative``): minus the log of the named object's
+    share of the weight on ``among`` (all objects' tokens), averaged over the pairs whose scene
+    shows another object; the background does not count, so the whole signal goes to telling the
+    named object from the others (a head that looks at every object alike scores 0 on the plain
+    loss's single-object scenes and log(objects) here).
+
     Args:
         weights: (B, P, L) from :func:`head_attention` (the image's 576 tokens come first).
         query: (B, P), -1 where the pair has no object to look at.
         tokens: (B, P, 576) bool, the object's tokens (those the sequence kept).
+        among: None, or (B, P, 576) bool, every object's tokens (those kept); ``tokens`` lie inside.
     """
     use = (query >= 0) & tokens.any(-1)
+    if among is not None:
+        use &= (among & ~tokens).any(-1)  # another object to tell the named one from
     if not use.any():
         return weights.new_zeros(())
-    on_object = (weights[..., : tokens.shape[-1]] * tokens).sum(-1)
-    return -(on_object[use] + 1e-6).log().mean()
+    visual = weights[..., : tokens.shape[-1]]
+    on_object = (visual * tokens).sum(-1)
+    if among is None:
+        return -(on_object[use] + 1e-6).log().mean()
+    on_objects = (visual * among).sum(-1)
+    return -((on_object[use] + 1e-6) / (on_objects[use] + 1e-6)).log().mean()
 
 
 # how a thinned sequence picks its tokens: top-k of uniform noise + this bias on object tokens
