@@ -388,7 +388,8 @@ def main() -> None:
             focus_mean = sum(focus_losses[-25:]) / len(focus_losses[-25:])
             relative_text = f"relative {sum(relative_losses[-25:]) / len(relative_losses[-25:]):.3f} " \
                 if args.focus_relative else ""
-            print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} focus {focus_mean:.3f} {relative_text}"
+            print(f"step {step} loss {sum(losses[-25:]) / 25:.3f} aux {aux_mean:.3f} focus {focus_mean:.3f} "
+                  f"{relative_text}"
                   f"(object patches: colour {seen[0]:.2f} shape{' (pooled)' if aux_shape == 'pooled' else ''} "
                   f"{seen[1]:.2f} column {seen[2]:.2f}) "
                   f"objects<={objects} lr {lr:.2e} {rate:.2f} s/step", flush=True)

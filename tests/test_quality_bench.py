@@ -51,11 +51,9 @@ def test_quality_benchmark_never_overwrites_the_shipped_record_for_another_model
     assert quality.default_out(tmp_path / "run") == tmp_path / "run" / "quality.json"
 
 
-
 def test_quality_benchmark_loads_the_model_in_the_dtype_and_backend_asked_for():
     quality = load_quality()
     args = quality.parse_args(["--dtype", "bfloat16", "--attn", "eager"])
     model = quality.load_model(args)
     assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
     assert str(model.device) == "cpu"
-
