@@ -207,7 +207,7 @@ class FullLayerProbeSelector(pio_fvlm.PioSelector):
     """PIO-FVLM through the generic full-layer probe (what layers without the fast path use)."""
 
     def __call__(self, request):
-        request.fast_probe = False
+        request.probe = "full"
         return super().__call__(request)
 
 

@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..config import Budget, PruneConfig, tokens_to_keep
 from ..models.base import ModelParts
+from ..select.closed_form import supports_closed_form
 from ..select.saliency import PROBING, ProbeInputs, ProbeModules, proxy_query_positions, supports_fast_probe
 from ..select.selector import SelectionRequest, Selector
 from .masks import causal_padding_mask
@@ -78,12 +79,10 @@ class Runtime:
         for s, (start, _) in enumerate(stages):
             end = stages[s + 1][0] if s + 1 < len(stages) else n_layers
             self.stage_of.update({i: s for i in range(start, end)})
-        # The fast probe calls the layer's sub-modules and reads weights directly; a layer whose
-        # weights accelerate keeps off the device (CPU / disk offload: meta parameters until its
-        # own forward runs) gets the generic probe, which calls the layer as a whole.
-        self.fast_probe = [
-            supports_fast_probe(parts.layers[start]) and not _offloaded(parts.layers[start]) for start, _ in stages
-        ]
+        # The closed-form and fast probes call the layer's sub-modules and read weights directly;
+        # a layer whose weights accelerate keeps off the device (CPU / disk offload: meta
+        # parameters until its own forward runs) gets the generic probe, which calls the layer.
+        self.probes = [self._probe_kind(parts.layers[start]) for start, _ in stages]
         self._hooks: list[tuple[torch.nn.Module, int]] = []  # (module, hook id): see remove()
         self._extra_hooks: list[tuple[torch.nn.Module, Any]] = []  # pre-hooks of other parts (encoder)
         # instance-level stand-ins for methods that are not module calls (encoder: see next_tiles)
@@ -102,7 +101,15 @@ class Runtime:
         self._last: list[tuple[torch.Tensor | None, torch.Tensor]] | None = None
         self._warned: set[str] = set()
 
-    _PORTABLE = ("parts", "config", "stages", "selectors", "stage_of", "fast_probe", "_hooks", "_extra_hooks",
+    def _probe_kind(self, layer: torch.nn.Module) -> str:
+        if _offloaded(layer):
+            return "full"
+        head, norm = self.parts.head, self.parts.norm
+        if not (_offloaded(head) or _offloaded(norm)) and supports_closed_form(layer, norm, head):
+            return "closed_form"
+        return "fast" if supports_fast_probe(layer) else "full"
+
+    _PORTABLE = ("parts", "config", "stages", "selectors", "stage_of", "probes", "_hooks", "_extra_hooks",
                  "_method_patches")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -369,7 +376,7 @@ class Runtime:
             candidates=visual,
             budgets=torch.tensor(keep_counts, device=hidden.device),
             config=cfg,
-            fast_probe=self.fast_probe[s] and pos_emb is not None,
+            probe=self.probes[s] if pos_emb is not None else "full",
         )
         chosen = self.selectors[s](request)
         # a selector may also return replacement hidden states (e.g. pooling carries means)

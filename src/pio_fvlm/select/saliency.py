@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +48,9 @@ class ProbeInputs:
         layer_kwargs: keyword arguments the layer receives (mask, position embeddings, ...);
             used as they are by the full-layer probe.
         position_embeddings: (cos, sin), each (B or 1, S, head_dim), or None.
+        query_positions_host: ``query_positions`` as a host array when the caller has it (it
+            spares the probe device ops that only rebuild host-known values), else None.
+        all_valid: True when the caller knows that every token is real (no padding, no filler).
     """
 
     hidden: torch.Tensor
@@ -54,6 +58,8 @@ class ProbeInputs:
     query_positions: torch.Tensor
     layer_kwargs: dict[str, Any]
     position_embeddings: PositionEmbeddings | None
+    query_positions_host: np.ndarray | None = None
+    all_valid: bool = False
 
 
 @dataclass

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
 from ..config import PruneConfig
 from .nms import select_with_nms
+from .closed_form import closed_form_saliency
 from .saliency import ProbeInputs, ProbeModules, fast_saliency, full_layer_saliency
+
+PROBES = {"closed_form": closed_form_saliency, "fast": fast_saliency, "full": full_layer_saliency}
 
 
 @dataclass
@@ -22,7 +25,9 @@ class SelectionRequest:
         candidates: (B, S) bool, the visual tokens that may be kept or dropped.
         budgets: (B,) long, how many candidates each row keeps (<= its candidate count).
         config: the wrap's settings.
-        fast_probe: whether the layer supports :func:`fast_saliency`.
+        probe: how the saliency is computed: ``"closed_form"`` (no autograd, see
+            :mod:`.closed_form`), ``"fast"`` (autograd at the proxy positions only) or ``"full"``
+            (autograd through the real layer); all three give the same saliency.
     """
 
     probe_inputs: ProbeInputs
@@ -30,7 +35,7 @@ class SelectionRequest:
     candidates: torch.Tensor
     budgets: torch.Tensor
     config: PruneConfig
-    fast_probe: bool
+    probe: Literal["closed_form", "fast", "full"]
 
 
 class Selector(Protocol):
@@ -45,7 +50,7 @@ class PioSelector:
 
     def saliency(self, request: SelectionRequest) -> torch.Tensor:
         """(B, S) fp32 saliency, by the fast exact probe where the layer allows it."""
-        probe = fast_saliency if request.fast_probe else full_layer_saliency
+        probe = PROBES[request.probe]
         return probe(request.probe_modules, request.probe_inputs)
 
     def __call__(self, request: SelectionRequest) -> torch.Tensor:
