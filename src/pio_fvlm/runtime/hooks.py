@@ -376,6 +376,8 @@ class Runtime:
             candidates=visual,
             budgets=torch.tensor(keep_counts, device=hidden.device),
             config=cfg,
+            candidate_counts=list(counts),
+            budget_counts=keep_counts,
             probe=self.probes[s] if pos_emb is not None else "full",
         )
         chosen = self.selectors[s](request)

@@ -5,22 +5,27 @@ is computed as the unique fixed point of
 
     keep[i] = candidate[i] and not any(keep[j] and sim[j, i] >= tau for j before i)
 
-(order = saliency descending). Jacobi iteration from ``keep = candidate`` reaches it exactly:
-after round r the first r positions are final, and in practice it is stable after a handful
-of rounds. Each round is one batched mat-vec over the whole batch; convergence is read back
-once per ``rounds_per_check`` rounds (one device-to-host read, typically once per call).
+(order = saliency descending), by Jacobi iteration from ``keep = candidate``: each round is one
+batched ``candidate - keep @ suppress`` (a ``baddbmm``) and a clamp. The map is antitone, so
+iterates alternate between upper bounds (even rounds) and lower bounds (odd rounds) of the
+answer; two consecutive iterates that agree are the answer. After round r the first r positions
+are final, and in practice the walk is stable after a handful of rounds, so a few rounds run
+before the one device-to-host read that checks them (more follow only if it fails).
 
 Only a prefix of the saliency order is examined first: whether position i survives depends
 only on the positions before it, so if the first ``M`` positions already hold ``budget``
 survivors in every row, the walk's answer lies inside them and the rest need no similarity
 matrix at all. Otherwise the prefix doubles (up to all ``N``). Exact either way; at budget 64
-of 576 the (M, M) similarity is about 5x smaller than (N, N).
+of 576 the (M, M) similarity is about 5x smaller than (N, N). The same read tells both
+whether the rounds have converged and whether the prefix held enough survivors.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+FIRST_ROUNDS = 3  # odd: the checked pair is (upper bound, lower bound)
 
 
 def saliency_order(saliency: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -36,13 +41,33 @@ def saliency_order(saliency: torch.Tensor, candidates: torch.Tensor) -> torch.Te
     return torch.sort(key, dim=1, descending=True, stable=True).indices
 
 
-def greedy_nms_keep(
-    features: torch.Tensor,
-    candidates: torch.Tensor,
-    threshold: float,
-    rounds_per_check: int = 4,
-) -> torch.Tensor:
-    """Greedy NMS over tokens already sorted by priority.
+def suppression_matrix(features: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, M, D) features in priority order -> (B, M, M) fp32, 1 at [b, j, i] when j comes
+    before i and their cosine similarity is >= threshold (j suppresses i if j is kept)."""
+    unit = F.normalize(features.float(), dim=-1)
+    return (unit @ unit.transpose(1, 2)).ge_(threshold).triu_(1)
+
+
+def jacobi_rounds(start: torch.Tensor, suppress: torch.Tensor, keep: torch.Tensor, rounds: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rounds`` rounds of ``keep <- max(start - keep @ suppress, 0)``.
+
+    Args:
+        start: (B, 1, M) fp32 0/1, the candidates (round 0).
+        suppress: (B, M, M) from :func:`suppression_matrix`.
+        keep: (B, 1, M) the iterate to continue from.
+    Returns:
+        The last two iterates (previous, last), each (B, 1, M) fp32 0/1 (sums of 0/1 products
+        are exact integers in fp32).
+    """
+    previous = keep
+    for _ in range(rounds):
+        previous, keep = keep, torch.baddbmm(start, keep, suppress, alpha=-1.0).clamp_min_(0.0)
+    return previous, keep
+
+
+def greedy_nms_keep(features: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The full greedy walk over tokens already sorted by priority (no budget).
 
     Args:
         features: (B, N, D) token features in priority order.
@@ -50,55 +75,48 @@ def greedy_nms_keep(
         threshold: a token is suppressed by an earlier kept token when their cosine
             similarity is >= threshold.
     Returns:
-        (B, N) bool: tokens the full greedy walk keeps (before any budget cut).
+        (B, N) bool: tokens the full greedy walk keeps.
     """
-    n = features.shape[1]
-    unit = F.normalize(features.float(), dim=-1)
-    sim = unit @ unit.transpose(1, 2)  # (B, N, N)
-    earlier = torch.ones(n, n, dtype=torch.bool, device=features.device).triu(1)  # j < i
-    pair_ok = candidates.unsqueeze(2) & candidates.unsqueeze(1)
-    suppresses = ((sim >= threshold) & earlier & pair_ok).to(unit.dtype)  # [b, j, i]: j suppresses i
-    keep = candidates.clone()
-    rounds = 0
-    while True:
-        for _ in range(rounds_per_check):
-            previous = keep
-            hit = torch.bmm(previous.to(unit.dtype).unsqueeze(1), suppresses).squeeze(1) > 0
-            keep = candidates & ~hit
-            rounds += 1
-        # A fixed point is the greedy answer (it is unique); after n rounds it is reached anyway.
-        if rounds >= n or torch.equal(keep, previous):
-            return keep
+    suppress = suppression_matrix(features, threshold)
+    start = candidates.float().unsqueeze(1)
+    previous, keep = jacobi_rounds(start, suppress, start, 1)
+    while not torch.equal(previous, keep):
+        previous, keep = jacobi_rounds(start, suppress, keep, 1)
+    return keep.squeeze(1).bool()
 
 
-def prefix_nms_keep(
+def _walk_to_budget(
     features: torch.Tensor,
     order: torch.Tensor,
-    cand_sorted: torch.Tensor,
+    candidates: torch.Tensor,
+    uniform: bool,
     budgets: torch.Tensor,
+    m: int,
     threshold: float,
-    first_prefix: int | None = None,
-) -> torch.Tensor:
-    """:func:`greedy_nms_keep` on the shortest prefix of the order that settles the budget.
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The greedy walk on the first ``m`` positions of the order, run until it settles.
 
-    Args:
-        features: (B, N, D) in original positions; order: (B, N) saliency order;
-        cand_sorted: (B, N) bool candidates in that order; budgets: (B,) long.
-        first_prefix: prefix tried first (default ``4 * max(budgets)``).
     Returns:
-        (B, N) bool in the order: the greedy walk's survivors within the examined prefix,
-        ``False`` after it. The first ``budgets[b]`` survivors equal those of the full walk.
+        start: (B, 1, m) fp32 candidates in order; keep: (B, 1, m) fp32 survivors;
+        short: whether some row has fewer than its budget survivors in the prefix.
     """
     n = order.shape[1]
-    m = min(n, first_prefix or 4 * int(budgets.max()))
+    prefix = order[:, :m]
+    if uniform:  # every row has exactly n candidates: they are the first n of the order
+        start = features.new_ones(order.shape[0], 1, m, dtype=torch.float32)
+    else:
+        start = candidates.gather(1, prefix).unsqueeze(1).float()
+    suppress = suppression_matrix(features.gather(1, prefix.unsqueeze(-1).expand(-1, -1, features.shape[-1])),
+                                  threshold)
+    previous, keep = jacobi_rounds(start, suppress, start, FIRST_ROUNDS)
     while True:
-        idx = order[:, :m].unsqueeze(-1).expand(-1, -1, features.shape[-1])
-        keep = greedy_nms_keep(features.gather(1, idx), cand_sorted[:, :m], threshold)
-        if m == n:
-            return keep
-        if bool((keep.sum(1) >= budgets).all()):  # every row's walk ends inside the prefix
-            return torch.cat([keep, keep.new_zeros(keep.shape[0], n - m)], dim=1)
-        m = min(n, 2 * m)
+        survivors = keep.sum(-1)  # (B, 1); keep is the lower bound
+        unsettled, short = torch.stack(((previous - keep).sum(), (budgets - survivors).clamp_min(0).sum())).tolist()
+        if unsettled == 0 and (short == 0 or m == n):
+            return start, keep, short > 0
+        if unsettled == 0:  # the prefix was too short for some row: a longer one, from scratch
+            return _walk_to_budget(features, order, candidates, uniform, budgets, min(n, 2 * m), threshold)
+        previous, keep = jacobi_rounds(start, suppress, keep, 2)
 
 
 def select_with_nms(
@@ -107,6 +125,9 @@ def select_with_nms(
     candidates: torch.Tensor,
     budgets: torch.Tensor,
     threshold: float | None,
+    candidate_counts: list[int] | None = None,
+    budget_counts: list[int] | None = None,
+    first_prefix: int | None = None,
 ) -> torch.Tensor:
     """PIO-FVLM step 2 for a whole batch: reorder by saliency, NMS, stop at the budget, fill.
 
@@ -116,22 +137,33 @@ def select_with_nms(
         candidates: (B, N) bool, the visual tokens of each sample.
         budgets: (B,) long, tokens to keep per sample (<= number of candidates).
         threshold: NMS threshold; ``None`` = no NMS (top-k by saliency).
+        candidate_counts, budget_counts: per row, the number of candidates and ``budgets``, when
+            the caller knows them on the host (each spares a device-to-host read).
+        first_prefix: positions of the saliency order examined first (default: 4 x the
+            largest budget); the answer does not depend on it.
     Returns:
         (B, N) bool mask of the selected tokens, in the original positions, exactly
         ``budgets[b]`` per row.
     """
-    order = saliency_order(saliency, candidates)
-    cand_sorted = candidates.gather(1, order)
-    budgets = budgets.to(order.device)
+    counts = candidates.sum(1).tolist() if candidate_counts is None else candidate_counts
+    n = max(counts)
+    uniform = min(counts) == n
+    order = saliency_order(saliency, candidates)[:, :n]  # candidates come first
+    budget = budgets.to(device=order.device, dtype=torch.float32).view(-1, 1, 1)
     if threshold is None:
-        nms_keep = cand_sorted
+        start = candidates.gather(1, order).unsqueeze(1).float()
+        keep, short = start, False
     else:
-        nms_keep = prefix_nms_keep(features, order, cand_sorted, budgets, float(threshold))
-    budgets = budgets.unsqueeze(1)
+        if first_prefix is None:
+            first_prefix = 4 * (int(budgets.max()) if budget_counts is None else max(budget_counts))
+        m = max(1, min(n, first_prefix))
+        start, keep, short = _walk_to_budget(features, order, candidates, uniform, budget, m, float(threshold))
     # The walk stops once `budget` tokens are selected: keep the first `budget` survivors.
-    selected = nms_keep & (nms_keep.long().cumsum(1) <= budgets)
-    # Everything suppressed before the budget was reached: fill with the most salient rest.
-    missing = budgets - selected.long().sum(1, keepdim=True)
-    rest = cand_sorted & ~selected
-    selected = selected | (rest & (rest.long().cumsum(1) <= missing))
-    return torch.zeros_like(candidates).scatter(1, order, selected)
+    chosen = keep * (keep.cumsum(-1) <= budget)
+    if short and keep.shape[-1] == n:
+        # Everything suppressed before the budget was reached: fill with the most salient rest.
+        rest = start[..., : keep.shape[-1]] - chosen
+        missing = budget - chosen.sum(-1, keepdim=True)
+        chosen = chosen + rest * (rest.cumsum(-1) <= missing)
+    m = chosen.shape[-1]
+    return torch.zeros_like(candidates).scatter_(1, order[:, :m], chosen.squeeze(1).bool())

@@ -28,6 +28,8 @@ class SelectionRequest:
         probe: how the saliency is computed: ``"closed_form"`` (no autograd, see
             :mod:`.closed_form`), ``"fast"`` (autograd at the proxy positions only) or ``"full"``
             (autograd through the real layer); all three give the same saliency.
+        candidate_counts: per row, the number of candidates, known on the host.
+        budget_counts: ``budgets`` on the host.
     """
 
     probe_inputs: ProbeInputs
@@ -36,6 +38,8 @@ class SelectionRequest:
     budgets: torch.Tensor
     config: PruneConfig
     probe: Literal["closed_form", "fast", "full"]
+    candidate_counts: list[int] | None = None
+    budget_counts: list[int] | None = None
 
 
 class Selector(Protocol):
@@ -49,7 +53,7 @@ class PioSelector:
     """PIO-FVLM: gradient saliency of the layer-local proxy loss, then NMS to the budget."""
 
     def saliency(self, request: SelectionRequest) -> torch.Tensor:
-        """(B, S) fp32 saliency, by the fast exact probe where the layer allows it."""
+        """(B, S) fp32 saliency, by the cheapest exact probe the layer allows."""
         probe = PROBES[request.probe]
         return probe(request.probe_modules, request.probe_inputs)
 
@@ -61,4 +65,6 @@ class PioSelector:
             request.candidates,
             request.budgets,
             request.config.nms_threshold,
+            request.candidate_counts,
+            request.budget_counts,
         )
