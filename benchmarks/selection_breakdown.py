@@ -51,7 +51,7 @@ def breakdown(model: torch.nn.Module, batch_size: int, budget: int, reps: int, s
     request = recorder.request
     assert request is not None, "the wrapped prefill did not select"
     walks: list[int] = []
-    inner = nms_module.greedy_nms_keep
+    inner = nms_module.suppression_matrix
 
     def counted(features: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         walks.append(features.shape[1])
@@ -60,7 +60,7 @@ def breakdown(model: torch.nn.Module, batch_size: int, budget: int, reps: int, s
     saliency = recorder.saliency(request)
     ms = {}
     ms["probe"] = [1000 * timed(lambda: recorder.saliency(request))[0] for _ in range(reps)]
-    nms_module.greedy_nms_keep = counted
+    nms_module.suppression_matrix = counted
     try:
         def run_nms() -> torch.Tensor:
             return select_with_nms(saliency, request.probe_inputs.hidden, request.candidates, request.budgets,
@@ -69,7 +69,7 @@ def breakdown(model: torch.nn.Module, batch_size: int, budget: int, reps: int, s
         prefixes = list(walks)
         ms["nms"] = [1000 * timed(run_nms)[0] for _ in range(reps)]
     finally:
-        nms_module.greedy_nms_keep = inner
+        nms_module.suppression_matrix = inner
     ms["selection"] = [1000 * timed(lambda: recorder(request))[0] for _ in range(reps)]
     return {"batch": batch_size, "nms_prefixes_walked": prefixes,
             **{f"{k}_ms_median": round(statistics.median(v), 3) for k, v in ms.items()},

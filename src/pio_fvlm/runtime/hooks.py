@@ -24,6 +24,7 @@ import weakref
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -98,8 +99,11 @@ class Runtime:
             f"pio_fvlm_call_{id(self)}", default=None
         )
         self._tokens: dict[int, contextvars.Token[CallState | None]] = {}
-        self._last: list[tuple[torch.Tensor | None, torch.Tensor]] | None = None
+        # the most recent visual prefill: its (B, L) visual mask and each stage's full_index
+        self._last: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
         self._warned: set[str] = set()
+        self._id_tensors: dict[str, torch.Tensor] = {}
+        self._true: dict[str, torch.Tensor] = {}
 
     def _probe_kind(self, layer: torch.nn.Module) -> str:
         if _offloaded(layer):
@@ -171,10 +175,22 @@ class Runtime:
             return None
         if not -len(self.stages) <= stage < len(self.stages):
             raise ValueError(f"stage={stage} is out of range: this wrap has {len(self.stages)} stage(s)")
-        full_index, visual = self._last[stage]
+        visual, full_indices = self._last
+        full_index = full_indices[stage]
         if full_index is None:  # nothing pruned: every visual token was kept
             return [row.nonzero().flatten().cpu() for row in visual]
-        return [fi[v].sort().values.cpu() for fi, v in zip(full_index, visual)]
+        kept = (full_index >= 0) & visual.gather(1, full_index.clamp(min=0))
+        return [fi[k].sort().values.cpu() for fi, k in zip(full_index, kept)]
+
+    def _visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: positions holding a visual placeholder id."""
+        ids = self.parts.visual_token_ids
+        if len(ids) == 1:
+            return input_ids == ids[0]
+        key = str(input_ids.device)
+        if key not in self._id_tensors:  # made once per device: no host-to-device copy per call
+            self._id_tensors[key] = torch.tensor(ids, device=input_ids.device)
+        return torch.isin(input_ids, self._id_tensors[key])
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -190,13 +206,18 @@ class Runtime:
                 f"pio_fvlm needs the 2-D padding attention_mask (batch, sequence) that the processor "
                 f"returns; got a {mask.dim()}-D mask. Pass the processor's attention_mask instead."
             )
-        visual, n_visual, q_len = None, [], 0
+        visual, n_visual, q_len, all_valid = None, [], 0, True
         if input_ids is not None:
             q_len = input_ids.shape[1]
             if q_len > 1:  # decode steps (one token) never hold visual tokens: no host read there
-                ids = torch.tensor(self.parts.visual_token_ids, device=input_ids.device)
-                visual = torch.isin(input_ids, ids)
-                n_visual = visual.sum(1).tolist()
+                visual = self._visual_mask(input_ids)
+                counts = visual.sum(1)
+                if mask is not None:  # one host read for both counts
+                    counts = torch.stack((counts, mask[:, -q_len:].sum(1)))
+                    n_visual, n_valid = counts.tolist()
+                    all_valid = min(n_valid) == q_len
+                else:
+                    n_visual = counts.tolist()
                 if not any(n_visual):
                     visual = None
         elif kwargs.get("inputs_embeds") is not None:
@@ -211,7 +232,7 @@ class Runtime:
         if cache is not None and cache.get_seq_length() == 0:
             with self._lock:
                 self._records.pop(cache, None)  # a fresh prefill into a reused cache object
-        call = CallState(visual=visual, n_visual=n_visual, attention_mask=mask, q_len=q_len)
+        call = CallState(visual=visual, n_visual=n_visual, attention_mask=mask, q_len=q_len, all_valid=all_valid)
         self._tokens[id(call)] = self._call.set(call)
 
     def _call_end(
@@ -224,10 +245,11 @@ class Runtime:
         if call.record is not None and not call.pruned:
             call.record.full_len += call.q_len
         if call.pruned:
+            assert call.visual is not None
             stages = [call.stages[s] for s in range(len(self.stages))]
-            self._last = [(st.full_index, st.visual) for st in stages if st is not None]  # type: ignore[misc]
+            self._last = (call.visual, [st.full_index for st in stages if st is not None])
         elif call.visual is not None:
-            self._last = [(None, call.visual)] * len(self.stages)
+            self._last = (call.visual, [None] * len(self.stages))
 
     # ------------------------------------------------------------------ layers
     def _layer_start(
@@ -270,7 +292,7 @@ class Runtime:
         final = call.stages[len(self.stages) - 1]
         assert final is not None and final.full_index is not None
         out = output[0] if isinstance(output, tuple) else output
-        full = scatter_back(call.base_hidden, out, final.full_index)
+        full = scatter_back(call.base_hidden, out, final.full_index, final.all_valid)
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     # ------------------------------------------------------------------ stage preparation
@@ -317,21 +339,23 @@ class Runtime:
     ) -> StageInputs:
         """Select this stage's tokens in a prefill and build its layers' inputs."""
         b, length = hidden.shape[:2]
+        device = hidden.device
         pos_ids = kwargs.get("position_ids")
         pos_emb = kwargs.get("position_embeddings")
-        removed_before: torch.Tensor | None
+        assert call.visual is not None
         if s == 0:
-            assert call.visual is not None
+            all_valid = call.all_valid
             mask = call.attention_mask
-            valid = mask[:, -length:].bool() if mask is not None else hidden.new_ones(b, length, dtype=torch.bool)
+            valid = self._all_true(device, b, length) if all_valid or mask is None else mask[:, -length:].bool()
             visual, counts = call.visual, call.n_visual
-            full_index = torch.arange(length, device=hidden.device).expand(b, length)
+            full_index = None  # the identity: stage 0 works on the full sequence
             layer_kwargs = kwargs
-            removed_before = torch.zeros(b, dtype=torch.long, device=hidden.device)
+            removed_before = [0] * b
         else:
             prev = call.stages[s - 1]
-            assert prev is not None and prev.full_index is not None and prev.visual is not None
-            valid, visual, counts, full_index = prev.valid, prev.visual, prev.counts or [], prev.full_index
+            assert prev is not None and prev.full_index is not None
+            valid, counts, full_index, all_valid = prev.valid, prev.counts or [], prev.full_index, prev.all_valid
+            visual = call.visual.gather(1, full_index.clamp(min=0)) & (full_index >= 0)
             pos_ids = prev.position_ids if prev.position_ids is not None else pos_ids
             pos_emb = prev.position_embeddings if prev.position_embeddings is not None else pos_emb
             layer_kwargs = {**kwargs, "attention_mask": prev.attention_mask}
@@ -340,7 +364,7 @@ class Runtime:
             if pos_emb is not None:
                 layer_kwargs["position_embeddings"] = pos_emb
             assert call.record is not None or cache is None
-            removed_before = call.record.stages[-1].removed if call.record is not None else None
+            removed_before = call.record.stages[-1].removed if call.record is not None else [0] * b
         budget = self.stages[s][1]
         keep_counts = [tokens_to_keep(budget, n) for n in counts]
 
@@ -348,47 +372,51 @@ class Runtime:
             if s > 0:
                 prev_inputs = call.stages[s - 1]
                 assert prev_inputs is not None and prev_inputs.full_index is not None
-                self._record_stage(call, cache, prev_inputs.full_index, None)
+                self._record_stage(call, cache, prev_inputs.full_index, removed_before)
                 return prev_inputs
             call.base_hidden, call.pruned = hidden, True
-            self._record_stage(call, cache, full_index, removed_before)
-            return StageInputs(
-                start_layer=i,
-                valid=valid,
-                attention_mask=kwargs.get("attention_mask"),
-                position_ids=None,
-                position_embeddings=None,
-                full_index=full_index,
-                visual=visual,
-                counts=counts,
-            )
+            identity = torch.arange(length, device=device).expand(b, length)
+            self._record_stage(call, cache, identity, removed_before)
+            return StageInputs(start_layer=i, valid=valid, attention_mask=kwargs.get("attention_mask"),
+                               position_ids=None, position_embeddings=None, full_index=identity, counts=counts,
+                               all_valid=all_valid)
 
         cfg = self.config
+        query_positions, query_positions_host = self._proxy_positions(valid, all_valid)
         request = SelectionRequest(
             probe_inputs=ProbeInputs(
                 hidden=hidden,
                 valid=valid,
-                query_positions=proxy_query_positions(valid, cfg.proxy_tokens, cfg.proxy_includes_last),
+                query_positions=query_positions,
                 layer_kwargs=layer_kwargs,
                 position_embeddings=pos_emb,
+                query_positions_host=query_positions_host,
+                all_valid=all_valid,
             ),
             probe_modules=ProbeModules(self.parts.layers[i], self.parts.norm, self.parts.head),
             candidates=visual,
-            budgets=torch.tensor(keep_counts, device=hidden.device),
+            budgets=torch.tensor(keep_counts, device=device),
             config=cfg,
+            probe=self.probes[s] if pos_emb is not None else "full",
             candidate_counts=list(counts),
             budget_counts=keep_counts,
-            probe=self.probes[s] if pos_emb is not None else "full",
         )
         chosen = self.selectors[s](request)
         # a selector may also return replacement hidden states (e.g. pooling carries means)
         keep_visual, replacement = chosen if isinstance(chosen, tuple) else (chosen, None)
-        keep = ~visual | keep_visual
         new_counts = [length - c + k for c, k in zip(counts, keep_counts)]
-        index, slot_valid = keep_index(keep, new_counts)
-        valid_new = valid.gather(1, index) & slot_valid
-        visual_new = visual.gather(1, index) & slot_valid
-        full_new = full_index.gather(1, index).masked_fill(~slot_valid, -1)
+        dropped = visual & ~keep_visual
+        no_filler = min(new_counts) == max(new_counts)
+        if no_filler:  # every row keeps as many tokens: the kept positions, in order
+            index = torch.sort(dropped, dim=1, stable=True).indices[:, : new_counts[0]]
+            valid_new = self._all_true(device, b, new_counts[0]) if all_valid else valid.gather(1, index)
+            full_new = index if full_index is None else full_index.gather(1, index)
+        else:
+            index, slot_valid = keep_index(~dropped, new_counts)
+            valid_new = valid.gather(1, index) & slot_valid
+            source = index if full_index is None else full_index.gather(1, index)
+            full_new = source.masked_fill(~slot_valid, -1)
+        all_valid_new = all_valid and no_filler
 
         new_ids, new_emb = None, None
         if cfg.positions == "keep":
@@ -397,32 +425,51 @@ class Runtime:
         else:
             if pos_ids is None:
                 raise ValueError("positions='compact' needs position_ids in the decoder layers' inputs")
-            dropped = (visual & ~keep_visual).long().cumsum(1)  # dropped tokens up to each position
-            src = pos_ids.expand(*pos_ids.shape[:-2], b, length) - dropped
+            before = dropped.long().cumsum(1)  # dropped tokens up to each position
+            src = pos_ids.expand(*pos_ids.shape[:-2], b, length) - before
             new_ids = gather_position_ids(src, index)
             new_emb = self.parts.rotary(hidden, new_ids)
 
         if s == 0:
             call.base_hidden = hidden
             call.pruned = True
-        drop = torch.tensor([c - k for c, k in zip(counts, keep_counts)], device=hidden.device)
-        self._record_stage(call, cache, full_new, drop + (removed_before if removed_before is not None else 0))
+        removed = [r + c - k for r, c, k in zip(removed_before, counts, keep_counts)]
+        self._record_stage(call, cache, full_new, removed)
+        padding = None if all_valid_new else valid_new
+        n_new = valid_new.shape[1]
         return StageInputs(
             start_layer=i,
             valid=valid_new,
-            attention_mask=causal_padding_mask(self.parts.text_config, valid_new, valid_new.shape[1], hidden.dtype),
+            attention_mask=causal_padding_mask(self.parts.text_config, padding, b, n_new, n_new, hidden.dtype, device),
             position_ids=new_ids,
             position_embeddings=new_emb,  # type: ignore[arg-type]
             gather_index=index,
             replacement=replacement,
             full_index=full_new,
-            visual=visual_new,
             counts=keep_counts,
+            all_valid=all_valid_new,
         )
 
-    def _record_stage(
-        self, call: CallState, cache: Any, full_index: torch.Tensor, removed: torch.Tensor | None
-    ) -> None:
+    def _all_true(self, device: torch.device, b: int, length: int) -> torch.Tensor:
+        """A (B, length) all-True mask as a view of one cached element (no kernel per call)."""
+        key = str(device)
+        if key not in self._true:
+            self._true[key] = torch.ones((), dtype=torch.bool, device=device)
+        return self._true[key].expand(b, length)
+
+    def _proxy_positions(self, valid: torch.Tensor, all_valid: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+        """(B, K) proxy positions, and their host copy when every token is real (then they follow
+        from the length alone and are built on the host: one copy instead of a dozen small ops)."""
+        cfg = self.config
+        if not all_valid:
+            return proxy_query_positions(valid, cfg.proxy_tokens, cfg.proxy_includes_last), None
+        b, length = valid.shape
+        end = length - 1 if cfg.proxy_includes_last else length - 2
+        row = np.maximum(np.arange(end - cfg.proxy_tokens + 1, end + 1), 0)
+        host = np.repeat(row[None, :], b, axis=0)
+        return torch.from_numpy(host).to(valid.device), host
+
+    def _record_stage(self, call: CallState, cache: Any, full_index: torch.Tensor, removed: list[int]) -> None:
         """Remember which full positions this stage's cache slots hold (for later calls)."""
         if cache is None:
             return
@@ -430,8 +477,6 @@ class Runtime:
             call.record = CacheRecord(full_len=call.q_len, stages=[])
             with self._lock:
                 self._records[cache] = call.record
-        if removed is None:
-            removed = call.record.stages[-1].removed
         call.record.stages.append(StageCache(full_index=full_index, removed=removed))
 
     def _continue_stage(
@@ -465,12 +510,13 @@ class Runtime:
         new_ids, new_emb = None, None
         pos_ids = kwargs.get("position_ids")
         if self.config.positions == "compact" and pos_ids is not None:
-            new_ids = pos_ids - sc.removed.view(b, 1)
+            new_ids = pos_ids - torch.tensor(sc.removed, device=pos_ids.device).view(b, 1)
             new_emb = self.parts.rotary(hidden, new_ids)
         return StageInputs(
             start_layer=i,
             valid=padding[:, -q:],
-            attention_mask=causal_padding_mask(self.parts.text_config, padding, q, hidden.dtype),
+            attention_mask=causal_padding_mask(self.parts.text_config, padding, b, q, padding.shape[1], hidden.dtype,
+                                               hidden.device),
             position_ids=new_ids,
             position_embeddings=new_emb,
         )

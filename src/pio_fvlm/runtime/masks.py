@@ -27,22 +27,29 @@ def check_attention_backend(text_config: Any) -> str:
     return impl
 
 
-def causal_padding_mask(text_config: Any, padding: torch.Tensor, q_len: int, dtype: torch.dtype) -> Any:
-    """A causal mask over ``padding.shape[1]`` keys for the last ``q_len`` of them as queries.
+def causal_padding_mask(
+    text_config: Any,
+    padding: torch.Tensor | None,
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Any:
+    """A causal mask over ``kv_len`` keys for the last ``q_len`` of them as queries.
 
     Args:
-        padding: (B, KV) bool, True where a key is a real token.
-        q_len: number of query positions (the last ``q_len`` keys).
+        padding: (B, kv_len) bool, True where a key is a real token; ``None`` when every key is
+            (then SDPA and FlashAttention need no mask tensor at all).
     Returns:
         What the backend's layers expect as ``attention_mask`` (tensor or ``None``).
     """
     impl = check_attention_backend(text_config)
-    kv = padding.shape[1]
     return ALL_MASK_ATTENTION_FUNCTIONS[impl](
-        batch_size=padding.shape[0],
+        batch_size=batch,
         q_length=q_len,
-        kv_length=kv,
-        q_offset=kv - q_len,
+        kv_length=kv_len,
+        q_offset=kv_len - q_len,
         kv_offset=0,
         mask_function=causal_mask_function,
         attention_mask=padding,
@@ -50,5 +57,5 @@ def causal_padding_mask(text_config: Any, padding: torch.Tensor, q_len: int, dty
         dtype=dtype,
         config=text_config,
         use_vmap=False,
-        device=padding.device,
+        device=device,
     )

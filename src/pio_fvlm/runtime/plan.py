@@ -29,17 +29,21 @@ def keep_index(keep: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, tor
     return index.masked_fill(~slot_valid, 0), slot_valid
 
 
-def scatter_back(base: torch.Tensor, out: torch.Tensor, full_index: torch.Tensor) -> torch.Tensor:
+def scatter_back(base: torch.Tensor, out: torch.Tensor, full_index: torch.Tensor, no_filler: bool = False
+                 ) -> torch.Tensor:
     """Put the pruned layers' output back at full length.
 
     Args:
         base: (B, L, D) hidden states at the prune point (fill for dropped positions).
         out: (B, S, D) output of the last layer on the shortened sequence.
         full_index: (B, S) long positions in the full sequence, -1 at filler slots.
+        no_filler: the caller knows that ``full_index`` holds no -1 (then one scatter does it).
     Returns:
         (B, L, D).
     """
     b, length, d = base.shape
+    if no_filler:
+        return base.to(out.dtype).scatter(1, full_index.unsqueeze(-1).expand(-1, -1, d), out)
     ext = torch.cat([base.to(out.dtype), out.new_zeros(b, 1, d)], dim=1)
     idx = torch.where(full_index < 0, length, full_index)
     ext.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, d), out)

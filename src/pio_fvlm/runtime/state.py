@@ -15,11 +15,11 @@ class StageCache:
     Attributes:
         full_index: (B, P) long, for each cached slot its position in the full sequence
             (the one the unpruned layers see); -1 for filler slots.
-        removed: (B,) long, visual tokens dropped up to this stage (for compact positions).
+        removed: per row, visual tokens dropped up to this stage (for compact positions).
     """
 
     full_index: torch.Tensor
-    removed: torch.Tensor
+    removed: list[int]
 
 
 @dataclass
@@ -50,8 +50,8 @@ class StageInputs:
         replacement: (B, S_prev, D) hidden states to gather from instead of the layer's input,
             when the selector returned some (merging selectors).
         full_index: (B, S) long positions in the full sequence (-1 filler), for a pruning call.
-        visual: (B, S) bool, visual tokens of the stage's sequence, for a pruning call.
         counts: per row, visual tokens in the stage's sequence, for a pruning call.
+        all_valid: every slot of the stage's sequence is a real token (no padding, no filler).
     """
 
     start_layer: int
@@ -62,8 +62,8 @@ class StageInputs:
     gather_index: torch.Tensor | None = None
     replacement: torch.Tensor | None = None
     full_index: torch.Tensor | None = None
-    visual: torch.Tensor | None = None
     counts: list[int] | None = None
+    all_valid: bool = False
 
 
 @dataclass
@@ -75,6 +75,7 @@ class CallState:
         n_visual: per row, the number of visual tokens (read once on the host).
         attention_mask: the 2-D mask the caller passed (B, past + L), or None.
         q_len: tokens in this call.
+        all_valid: no padding among this call's tokens (known on the host).
         stages: per stage index, what its layers get; ``None`` marks a stage that stays as is.
         base_hidden: (B, L, D) hidden states entering the first prune layer (pruning calls).
         cache: the KV cache object the layers use, once seen.
@@ -85,6 +86,7 @@ class CallState:
     n_visual: list[int]
     attention_mask: torch.Tensor | None
     q_len: int
+    all_valid: bool = True
     stages: dict[int, StageInputs | None] = field(default_factory=dict)
     base_hidden: torch.Tensor | None = None
     cache: Any = None
