@@ -35,6 +35,12 @@ def test_bench_runs_and_reports_exact_cache_and_flop_ratios(tmp_path):
     assert rows["pio-64"]["gflops"] < rows["full"]["gflops"]
     assert rows["pio-64"]["select_ms"] > 0 and rows["full"]["select_ms"] is None
     assert "pruned_layer_kv_ratio=0.182" in bench.format_table(result)
+    # launch accounting: what pruning dispatches on top of the unpruned prefill
+    checks = result["checks"]
+    assert 0 < checks["pio64_extra_kernel_ops"] <= 150 and checks["pio64_extra_host_syncs"] <= 2
+    assert checks["noop_extra_kernel_ops"] <= 3
+    assert rows["pio-64"]["kernel_ops"] > rows["free-64"]["kernel_ops"] > 0
+    assert "ops: kernel-launching aten ops" in bench.format_table(result)
 
 
 def test_bench_llava15_7b_shapes_are_the_checkpoint_config():

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import unwrap, wrap
 from .api import is_wrapped
-from .measure import TimedSelector, count_flops, kv_cache_bytes, synchronize, timed
+from .measure import TimedSelector, count_flops, count_launches, kv_cache_bytes, synchronize, timed
 from .select import PioSelector
 from .select.baselines import UniformSelector
 from .select.naive import NaiveSelector
@@ -92,6 +92,8 @@ class Mode:
     kv_bytes: int = 0
     kv_layer_bytes: list[int] = field(default_factory=list)
     flops: int = 0
+    kernel_ops: int = 0
+    host_syncs: int = 0
     peak_bytes: int | None = None
 
 
@@ -170,6 +172,7 @@ class Bench:
             mode.kv_bytes, mode.kv_layer_bytes = kv_cache_bytes(out.past_key_values)
         with torch.no_grad():  # dispatch modes see no operator under inference_mode
             mode.flops = count_flops(lambda: self.prefill(mode))
+            mode.kernel_ops, mode.host_syncs = count_launches(lambda: self.prefill(mode))
         with torch.inference_mode():
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -245,6 +248,8 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
             "kv_layer_bytes": m.kv_layer_bytes,
             "gflops": m.flops / 1e9,
             "flops_ratio": full.flops / m.flops if m.flops else float("nan"),
+            "kernel_ops": m.kernel_ops,
+            "host_syncs": m.host_syncs,
             "peak_mb": m.peak_bytes / 2**20 if m.peak_bytes else None,
         })
     by = {r["mode"]: r for r in rows}
@@ -266,6 +271,11 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
         checks["pruned_layer_kv_ratio"] = layer_bytes[-1] / full_bytes[-1]
         total = args.text_tokens + n_visual
         checks["pruned_layer_kv_expected"] = (args.text_tokens + 64) / total
+    for kind in ("pio", "free"):
+        if f"{kind}-64" in by:
+            checks[f"{kind}64_extra_kernel_ops"] = by[f"{kind}-64"]["kernel_ops"] - full.kernel_ops
+            checks[f"{kind}64_extra_host_syncs"] = by[f"{kind}-64"]["host_syncs"] - full.host_syncs
+    checks["noop_extra_kernel_ops"] = by[f"pio-{n_visual}"]["kernel_ops"] - full.kernel_ops
     checks["noop_prefill_ratio"] = by[f"pio-{n_visual}"]["prefill_ms"] / (fp * 1e3)
     checks["noop_prefill_ratio_paired"] = paired_ratio(f"pio-{n_visual}", "full")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
@@ -289,7 +299,7 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
 
 def format_table(result: dict[str, Any]) -> str:
     head = (f"{'mode':<10} {'prefill ms (min-max)':>24} {'x':>6} {'e2e ms':>9} {'x':>6} {'dec tok/s':>9} "
-            f"{'select ms':>9} {'KV MiB':>7} {'KVx':>5} {'GFLOP':>8} {'FLOPx':>6}")
+            f"{'select ms':>9} {'KV MiB':>7} {'KVx':>5} {'GFLOP':>8} {'FLOPx':>6} {'ops':>6} {'syncs':>5}")
     lines = [f"device={result['device']} dtype={result['dtype']} attn={result['attn']} batch={result['batch']} "
              f"visual={result['n_visual']} text={result['text_tokens']} reps={result['reps']}", head]
     for r in result["rows"]:
@@ -299,8 +309,11 @@ def format_table(result: dict[str, Any]) -> str:
             .ljust(35)
             + f" {r['prefill_speedup']:>6.2f} {r['e2e_ms']:>9.1f} {r['e2e_speedup']:>6.2f} {r['decode_tok_s']:>9.1f} "
             f"{sel:>9} {r['kv_bytes'] / 2**20:>7.2f} {r['kv_ratio']:>5.2f} {r['gflops']:>8.2f} {r['flops_ratio']:>6.2f}"
+            f" {r['kernel_ops']:>6} {r['host_syncs']:>5}"
         )
-    lines.append("checks: " + ", ".join(f"{k}={v:.3f}" for k, v in result["checks"].items()))
+    lines.append("ops: kernel-launching aten ops of one prefill (view-only ops left out); syncs: host reads")
+    lines.append("checks: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in result["checks"].items()))
     return "\n".join(lines)
 
 

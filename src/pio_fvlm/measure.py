@@ -60,6 +60,61 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return counter.total
 
 
+# Ops that only make views (no kernel on a GPU); matched as substrings of the op's name.
+VIEW_OPS = ("view", "unsqueeze", "expand", "slice", "detach", "permute", "aten.t", "squeeze", "transpose",
+            "select", "alias", "as_strided", "_reshape_alias", "split", "unbind", "chunk", "narrow", "diagonal")
+# Ops that read a device value back to the host (the host waits for the device).
+SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique2",
+            "aten.item", "aten.is_nonzero", "aten.equal")
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the kernel-launching aten ops and the host reads of what runs inside it.
+
+    Kernel ops: every dispatched aten op except those in :data:`VIEW_OPS` (forward and any
+    backward). Host reads: the ops in :data:`SYNC_OPS`, plus every ``Tensor.tolist()`` call
+    (which on a CPU tensor dispatches nothing but on a GPU tensor waits for the device). The
+    figures are the same on CPU and GPU for the same code path. Use outside inference mode.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = 0
+        self.syncs = 0
+        self.by_op: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = str(func.overloadpacket)
+        if not any(v in name for v in VIEW_OPS):
+            self.kernels += 1
+            self.by_op[name] = self.by_op.get(name, 0) + 1
+        if name in SYNC_OPS:
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self) -> LaunchCounter:
+        self._tolist = torch.Tensor.tolist
+        counter = self
+
+        def tolist(tensor: torch.Tensor) -> Any:
+            counter.syncs += 1
+            return counter._tolist(tensor)
+
+        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
+        super().__exit__(*exc)
+
+
+def count_launches(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(kernel-launching ops, host reads) of one call of ``fn`` (see :class:`LaunchCounter`)."""
+    with LaunchCounter() as counter:
+        fn()
+    return counter.kernels, counter.syncs
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Seconds for one synchronised call of ``fn``, and its result."""
     synchronize()

@@ -211,13 +211,12 @@ class Runtime:
             q_len = input_ids.shape[1]
             if q_len > 1:  # decode steps (one token) never hold visual tokens: no host read there
                 visual = self._visual_mask(input_ids)
-                counts = visual.sum(1)
                 if mask is not None:  # one host read for both counts
-                    counts = torch.stack((counts, mask[:, -q_len:].sum(1)))
-                    n_visual, n_valid = counts.tolist()
-                    all_valid = min(n_valid) == q_len
+                    visual_counts, valid_counts = torch.stack((visual, mask[:, -q_len:])).sum(-1).tolist()
+                    n_visual = [int(n) for n in visual_counts]  # the mask may be a float tensor
+                    all_valid = min(valid_counts) == q_len
                 else:
-                    n_visual = counts.tolist()
+                    n_visual = visual.sum(1).tolist()
                 if not any(n_visual):
                     visual = None
         elif kwargs.get("inputs_embeds") is not None:
