@@ -100,7 +100,7 @@ class LaunchCounter(TorchDispatchMode):
             counter.syncs += 1
             return counter._tolist(tensor)
 
-        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+        torch.Tensor.tolist = tolist  # type: ignore[method-assign, assignment]
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:

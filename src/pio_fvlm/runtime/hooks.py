@@ -32,7 +32,7 @@ from ..config import Budget, PruneConfig, tokens_to_keep
 from ..models.base import ModelParts
 from ..select.closed_form import supports_closed_form
 from ..select.saliency import PROBING, ProbeInputs, ProbeModules, proxy_query_positions, supports_fast_probe
-from ..select.selector import SelectionRequest, Selector
+from ..select.selector import ProbeKind, SelectionRequest, Selector
 from .masks import causal_padding_mask
 from .plan import gather_position_ids, gather_tokens, keep_index, scatter_back
 from .state import CacheRecord, CallState, StageCache, StageInputs
@@ -105,7 +105,7 @@ class Runtime:
         self._id_tensors: dict[str, torch.Tensor] = {}
         self._true: dict[str, torch.Tensor] = {}
 
-    def _probe_kind(self, layer: torch.nn.Module) -> str:
+    def _probe_kind(self, layer: torch.nn.Module) -> ProbeKind:
         if _offloaded(layer):
             return "full"
         head, norm = self.parts.head, self.parts.norm

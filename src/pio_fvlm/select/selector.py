@@ -8,10 +8,11 @@ from typing import Literal, Protocol
 import torch
 
 from ..config import PruneConfig
-from .nms import select_with_nms
 from .closed_form import closed_form_saliency
+from .nms import select_with_nms
 from .saliency import ProbeInputs, ProbeModules, fast_saliency, full_layer_saliency
 
+ProbeKind = Literal["closed_form", "fast", "full"]
 PROBES = {"closed_form": closed_form_saliency, "fast": fast_saliency, "full": full_layer_saliency}
 
 
@@ -37,7 +38,7 @@ class SelectionRequest:
     candidates: torch.Tensor
     budgets: torch.Tensor
     config: PruneConfig
-    probe: Literal["closed_form", "fast", "full"]
+    probe: ProbeKind
     candidate_counts: list[int] | None = None
     budget_counts: list[int] | None = None
 
