@@ -12,7 +12,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import pio_fvlm
-from pio_fvlm.measure import LaunchCounter, count_launches
+from pio_fvlm.measure import OpStats, count_launches
 
 MAX_EXTRA_KERNEL_OPS = 150  # probe + NMS + bookkeeping, whatever the depth
 MAX_EXTRA_HOST_READS = 2  # the visual-token counts at the call's start, the NMS's one check
@@ -61,7 +61,7 @@ def test_pruned_prefill_overhead_is_pinned(llava_32_layers, batch):
     assert noop_reads - full_reads <= 1
 
 
-class _WindowCounter(LaunchCounter):
+class _WindowCounter(OpStats):
     """Counts only while ``on``."""
 
     on = False
@@ -104,10 +104,10 @@ def test_no_ops_in_the_hooks_of_later_pruned_layers(llava_32_layers):
 
 def test_counter_counts_host_reads_and_leaves_views_out():
     x = torch.arange(6.0).view(2, 3)
-    with LaunchCounter() as c:
+    with OpStats() as c:
         y = x.t().unsqueeze(0)  # views only
     assert (c.kernels, c.syncs) == (0, 0)
-    with LaunchCounter() as c:
+    with OpStats() as c:
         y = (x * 2).sum(1)
         y.tolist()
         float(y[0])

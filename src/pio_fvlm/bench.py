@@ -7,15 +7,21 @@ Modes, measured interleaved (round-robin over repetitions, so that machine noise
 
 * ``full``: the unmodified model.
 * ``pio-B``: wrapped with ``budget=B`` (the default selector).
-* ``ideal-B``: the vision tower, then the language model fed only text + B visual tokens from
-  layer 0: the limit for any in-LLM pruning with free selection.
+* ``ideal-B``: the vision tower, then the language model on text + B visual tokens from layer 0
+  (pruning before layer 0 with a selection that costs nothing): the limit for any in-LLM pruning.
 * ``naive-B``: the authors' implementation style (full-sequence probe and head, host NMS loop).
 * ``free-B``: pruning at the same layer with a selection that costs nothing (evenly spaced
   tokens): the bound for any method that must score tokens after layer 1.
 
 The default model is a random-weight LLaVA-1.5 miniature: CLIP at 336 px / patch 14 (576 visual
 tokens), a 32-layer LM with LLaVA-7B's proportions shrunk (hidden 512, MLP 1376, vocabulary 4000,
-so that head / layer cost matches 7B), about 50 text tokens. ``--model`` takes a real checkpoint.
+so that head / layer cost matches 7B), about 50 text tokens. ``--shapes`` picks the high-resolution
+and video shapes (2,304 to 4,096 visual tokens; see :mod:`pio_fvlm.bench_models`) or the real 7B
+shapes for a GPU; ``--model`` takes a real checkpoint.
+
+Per mode it reports prefill and ``generate`` latency, selection time, KV-cache bytes, FLOPs, the
+kernel-launching ops and host reads of one prefill, and its transient memory peak (bytes held
+at once by what the prefill allocates; the selection's own peak for pruning modes).
 """
 
 from __future__ import annotations
@@ -32,53 +38,29 @@ import torch
 from torch import nn
 
 from . import unwrap, wrap
-from .api import is_wrapped
-from .measure import TimedSelector, count_flops, count_launches, kv_cache_bytes, synchronize, timed
+from .api import _RUNTIME_ATTR, is_wrapped
+from .bench_models import (
+    SHAPE_OF_MODEL_TYPE,
+    SHAPES,
+    miniature_llava,
+    random_llava15_7b,
+    shape_inputs,
+    visual_token_id,
+)
+from .config import PruneConfig
+from .measure import OpStats, TimedSelector, kv_cache_bytes, synchronize, timed
+from .models import adapter_for
+from .runtime import Runtime
 from .select import PioSelector
 from .select.baselines import UniformSelector
 from .select.naive import NaiveSelector
 
-
-def miniature_llava(attn: str = "sdpa", dtype: torch.dtype = torch.float32, num_layers: int = 32) -> nn.Module:
-    """LLaVA-1.5-7B's shape, shrunk 8x in width (see module docstring)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                              image_size=336, patch_size=14, projection_dim=128)
-    text = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=num_layers, num_attention_heads=8,
-                       num_key_value_heads=8, vocab_size=4000, pad_token_id=0, max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=3, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    config._attn_implementation = attn
-    return LlavaForConditionalGeneration(config).eval().to(dtype)
-
-
-def random_llava15_7b(attn: str, dtype: torch.dtype, device: str, num_layers: int = 32) -> nn.Module:
-    """LLaVA-1.5-7B's real shapes (CLIP-L/336, 32 x 4096 Vicuna) with random weights, built
-    directly on ``device`` in ``dtype`` (about 14 GB in bf16): the GPU check without a download."""
-    from transformers import LlavaForConditionalGeneration
-
-    from .testing import build_on_device, llava15_7b_config
-
-    torch.manual_seed(0)
-    config = llava15_7b_config(text_layers=num_layers)
-    config._attn_implementation = attn
-    return build_on_device(LlavaForConditionalGeneration, config, dtype, device)
+__all__ = ["Bench", "main", "miniature_inputs", "miniature_llava", "random_llava15_7b", "run"]
 
 
 def miniature_inputs(model: nn.Module, batch: int, text_tokens: int = 50) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    n_img = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    before = torch.randint(10, 3900, (batch, 5), generator=g)
-    after = torch.randint(10, 3900, (batch, text_tokens - 5), generator=g)
-    ids = torch.cat([before, torch.full((batch, n_img), model.config.image_token_id), after], dim=1)
-    side = model.config.vision_config.image_size
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.randn(batch, 3, side, side, generator=g).to(model.dtype),
-    }
+    """Inputs for a LLaVA-1.5 model: ``batch`` rows of 5 text tokens, one image, the rest text."""
+    return shape_inputs(model, SHAPES["miniature"], batch, text_tokens)
 
 
 @dataclass
@@ -94,6 +76,8 @@ class Mode:
     flops: int = 0
     kernel_ops: int = 0
     host_syncs: int = 0
+    transient_peak_bytes: int = 0
+    selection_peak_bytes: int | None = None
     peak_bytes: int | None = None
 
 
@@ -105,11 +89,11 @@ class Bench:
         self.inputs = {k: v.to(model.device) for k, v in inputs.items()}
         self.new_tokens = new_tokens
         self.timer = TimedSelector(PioSelector())
-        self.image_token = int(model.config.image_token_id)
 
     def _configure(self, mode: Mode) -> None:
         if is_wrapped(self.model):
             unwrap(self.model)
+        self.timer_now: TimedSelector | None = None
         if mode.kind in ("pio", "naive", "free"):
             inner = {
                 "pio": self.timer,
@@ -118,48 +102,25 @@ class Bench:
             }
             self.timer_now = inner[mode.kind]
             wrap(self.model, budget=mode.budget, selector=self.timer_now)
-
-    def _ideal_embeds(self, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vision tower + projector, then embeddings of text + the first ``budget`` visual tokens."""
-        m, ids = self.model, self.inputs["input_ids"]
-        cfg = m.config
-        feats = m.model.get_image_features(
-            pixel_values=self.inputs["pixel_values"],
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        ).pooler_output
-        visual = ids == self.image_token
-        keep = visual & (visual.long().cumsum(1) <= budget)
-        short_ids = ids[~visual | keep].view(ids.shape[0], -1)
-        embeds = m.get_input_embeddings()(short_ids)
-        short_visual = short_ids == self.image_token
-        kept = torch.stack([f[:budget] for f in feats]).reshape(-1, embeds.shape[-1])
-        embeds = embeds.masked_scatter(short_visual.unsqueeze(-1), kept.to(embeds.dtype))
-        return embeds, torch.ones_like(short_ids)
+        elif mode.kind == "ideal":
+            assert mode.budget is not None
+            prune_before_layer_0(self.model, mode.budget)
 
     def prefill(self, mode: Mode) -> Any:
-        if mode.kind == "ideal":
-            assert mode.budget is not None
-            embeds, mask = self._ideal_embeds(mode.budget)
-            return self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
         return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
 
     def generate(self, mode: Mode) -> Any:
         kw = dict(max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=False)
-        if mode.kind == "ideal":
-            assert mode.budget is not None
-            embeds, mask = self._ideal_embeds(mode.budget)
-            return self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kw)
         return self.model.generate(**self.inputs, **kw)
 
     def measure(self, mode: Mode, e2e: bool) -> None:
         self._configure(mode)
         with torch.inference_mode():
-            if mode.kind in ("pio", "naive", "free"):
+            if self.timer_now is not None:
                 self.timer_now.seconds = 0.0
             seconds, _ = timed(lambda: self.prefill(mode))
             mode.prefill_s.append(seconds)
-            if mode.kind in ("pio", "naive", "free"):
+            if self.timer_now is not None:
                 mode.select_s.append(self.timer_now.seconds)
             if e2e:
                 seconds, _ = timed(lambda: self.generate(mode))
@@ -170,15 +131,33 @@ class Bench:
         with torch.inference_mode():
             out = self.prefill(mode)
             mode.kv_bytes, mode.kv_layer_bytes = kv_cache_bytes(out.past_key_values)
-        with torch.no_grad():  # dispatch modes see no operator under inference_mode
-            mode.flops = count_flops(lambda: self.prefill(mode))
-            mode.kernel_ops, mode.host_syncs = count_launches(lambda: self.prefill(mode))
+            del out
+        with torch.no_grad(), OpStats() as stats:  # dispatch modes see no operator under inference_mode
+            if self.timer_now is not None:
+                self.timer_now.stats = stats
+            try:
+                self.prefill(mode)
+            finally:
+                if self.timer_now is not None:
+                    self.timer_now.stats = None
+        mode.flops, mode.kernel_ops, mode.host_syncs = stats.flops, stats.kernels, stats.syncs
+        mode.transient_peak_bytes = stats.peak_bytes
+        mode.selection_peak_bytes = stats.window_peak_bytes if self.timer_now is not None else None
         with torch.inference_mode():
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
                 self.prefill(mode)
                 synchronize()
                 mode.peak_bytes = torch.cuda.max_memory_allocated()
+
+
+def prune_before_layer_0(model: nn.Module, budget: int) -> None:
+    """The ideal bound: keep ``budget`` evenly spaced visual tokens before decoder layer 0, so that
+    every layer runs on text + ``budget`` tokens (undone by :func:`pio_fvlm.unwrap`)."""
+    parts = adapter_for(model).find_parts(model)
+    runtime = Runtime(parts, PruneConfig(budget=budget), [(0, budget)], [UniformSelector()])
+    runtime.install()
+    object.__setattr__(model, _RUNTIME_ATTR, runtime)
 
 
 def _median(xs: list[float]) -> float:
@@ -194,19 +173,20 @@ def run(args: argparse.Namespace, progress: Callable[[Any], Any] | None = None) 
 
         model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn,
                                                             device_map=args.device)
-    elif args.shapes == "llava-1.5-7b":
-        model = random_llava15_7b(args.attn, dtype, args.device, args.num_layers or 32)
+        shape = SHAPES[args.shapes or SHAPE_OF_MODEL_TYPE.get(model.config.model_type, "miniature")]
     else:
-        model = miniature_llava(args.attn, dtype, args.num_layers or 32).to(args.device)
-    inputs = miniature_inputs(model, args.batch, args.text_tokens)
-    n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+        shape = SHAPES[args.shapes or "miniature"]
+        model = shape.build(args.attn, dtype, args.device, args.num_layers)
+    inputs = shape_inputs(model, shape, args.batch, args.text_tokens)
+    n_visual = int((inputs["input_ids"][0] == visual_token_id(model, shape)).sum())
+    budgets, naive_budgets, free_budgets = mode_budgets(args, n_visual)
     bench = Bench(model, inputs, args.new_tokens)
     modes = [Mode("full", "full")]
-    for b in args.budgets:
+    for b in budgets:
         modes += [Mode(f"pio-{b}", "pio", b), Mode(f"ideal-{b}", "ideal", b)]
-    modes += [Mode(f"naive-{b}", "naive", b) for b in args.naive_budgets]
+    modes += [Mode(f"naive-{b}", "naive", b) for b in naive_budgets]
     # same prune point, a selection that costs nothing: the bound for pruning at layer 1
-    modes += [Mode(f"free-{b}", "free", b) for b in args.naive_budgets]
+    modes += [Mode(f"free-{b}", "free", b) for b in free_budgets]
     modes.append(Mode(f"pio-{n_visual}", "pio", n_visual))  # the no-op path
 
     for mode in modes:
@@ -222,10 +202,25 @@ def run(args: argparse.Namespace, progress: Callable[[Any], Any] | None = None) 
             bench.measure(mode, e2e=rep < args.e2e_reps)
     if is_wrapped(model):
         unwrap(model)
-    return summarize(modes, args, model, n_visual)
+    return summarize(modes, args, model, n_visual, budgets[0], inputs["input_ids"].shape[1])
 
 
-def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_visual: int) -> dict[str, Any]:
+def mode_budgets(args: argparse.Namespace, n_visual: int) -> tuple[list[int], list[int], list[int]]:
+    """Budgets of the pio / ideal modes, of the naive modes and of the free modes.
+
+    Defaults: on the LLaVA-1.5 miniature 192, 128, 64, 32 (naive and free at 64); on every other
+    shape ``--budget-fraction`` (11.1 %) of its visual tokens, with free at the same budget.
+    """
+    miniature = (args.shapes or "miniature") == "miniature" and not args.model
+    fraction = max(1, round(args.budget_fraction * n_visual))
+    budgets = args.budgets or ([192, 128, 64, 32] if miniature else [fraction])
+    naive = args.naive_budgets if args.naive_budgets is not None else ([64] if miniature else [])
+    free = naive if miniature and args.budgets is None else [budgets[0]]
+    return budgets, naive, sorted(set(free) | set(naive), reverse=True)
+
+
+def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_visual: int, budget: int,
+              seq_len: int) -> dict[str, Any]:
     full = modes[0]
     fp, fe = _median(full.prefill_s), _median(full.e2e_s)
     rows = []
@@ -250,6 +245,8 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
             "flops_ratio": full.flops / m.flops if m.flops else float("nan"),
             "kernel_ops": m.kernel_ops,
             "host_syncs": m.host_syncs,
+            "transient_peak_mb": m.transient_peak_bytes / 2**20,
+            "selection_peak_mb": m.selection_peak_bytes / 2**20 if m.selection_peak_bytes is not None else None,
             "peak_mb": m.peak_bytes / 2**20 if m.peak_bytes else None,
         })
     by = {r["mode"]: r for r in rows}
@@ -259,22 +256,22 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
         """Median over repetitions of time(a) / time(b) measured in the same round (drift cancels)."""
         return statistics.median(x / y for x, y in zip(paired[a].prefill_s, paired[b].prefill_s))
 
-    checks = {}
-    if 64 in args.budgets:
-        checks["pio64_over_ideal64"] = by["pio-64"]["prefill_speedup"] / by["ideal-64"]["prefill_speedup"]
-        checks["pio64_over_ideal64_paired"] = paired_ratio("ideal-64", "pio-64")
-        if "free-64" in by:
-            checks["pio64_over_free64_paired"] = paired_ratio("free-64", "pio-64")
-        checks["selection_overhead_of_full_prefill"] = by["pio-64"]["select_ms"] / (fp * 1e3)
-        layer_bytes = by["pio-64"]["kv_layer_bytes"]
-        full_bytes = full.kv_layer_bytes
-        checks["pruned_layer_kv_ratio"] = layer_bytes[-1] / full_bytes[-1]
-        total = args.text_tokens + n_visual
-        checks["pruned_layer_kv_expected"] = (args.text_tokens + 64) / total
+    b = budget
+    checks: dict[str, Any] = {}
+    checks[f"pio{b}_over_ideal{b}"] = by[f"pio-{b}"]["prefill_speedup"] / by[f"ideal-{b}"]["prefill_speedup"]
+    checks[f"pio{b}_over_ideal{b}_paired"] = paired_ratio(f"ideal-{b}", f"pio-{b}")
+    if f"free-{b}" in by:
+        checks[f"pio{b}_over_free{b}_paired"] = paired_ratio(f"free-{b}", f"pio-{b}")
+    checks["selection_overhead_of_full_prefill"] = by[f"pio-{b}"]["select_ms"] / (fp * 1e3)
+    checks["pruned_layer_kv_ratio"] = by[f"pio-{b}"]["kv_layer_bytes"][-1] / full.kv_layer_bytes[-1]
+    text = seq_len - n_visual  # text tokens (and markers around the visual run)
+    checks["pruned_layer_kv_expected"] = (text + b) / seq_len
+    selection_peak = by[f"pio-{b}"]["selection_peak_mb"]
+    checks["selection_peak_of_full_peak"] = selection_peak / by["full"]["transient_peak_mb"]
     for kind in ("pio", "free"):
-        if f"{kind}-64" in by:
-            checks[f"{kind}64_extra_kernel_ops"] = by[f"{kind}-64"]["kernel_ops"] - full.kernel_ops
-            checks[f"{kind}64_extra_host_syncs"] = by[f"{kind}-64"]["host_syncs"] - full.host_syncs
+        if f"{kind}-{b}" in by:
+            checks[f"{kind}{b}_extra_kernel_ops"] = by[f"{kind}-{b}"]["kernel_ops"] - full.kernel_ops
+            checks[f"{kind}{b}_extra_host_syncs"] = by[f"{kind}-{b}"]["host_syncs"] - full.host_syncs
     checks["noop_extra_kernel_ops"] = by[f"pio-{n_visual}"]["kernel_ops"] - full.kernel_ops
     checks["noop_prefill_ratio"] = by[f"pio-{n_visual}"]["prefill_ms"] / (fp * 1e3)
     checks["noop_prefill_ratio_paired"] = paired_ratio(f"pio-{n_visual}", "full")
@@ -282,9 +279,9 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
     return {
         "device": device,
         "torch": torch.__version__,
-        "model": args.model or {"miniature": "miniature LLaVA-1.5 (hidden 512)",
-                                "llava-1.5-7b": "LLaVA-1.5-7B shapes, random weights"}[args.shapes],
+        "model": args.model or args.shapes or "miniature",
         "num_layers": model.config.text_config.num_hidden_layers,
+        "hidden_size": model.config.text_config.hidden_size,
         "dtype": args.dtype,
         "attn": args.attn,
         "batch": args.batch,
@@ -299,9 +296,11 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
 
 def format_table(result: dict[str, Any]) -> str:
     head = (f"{'mode':<10} {'prefill ms (min-max)':>24} {'x':>6} {'e2e ms':>9} {'x':>6} {'dec tok/s':>9} "
-            f"{'select ms':>9} {'KV MiB':>7} {'KVx':>5} {'GFLOP':>8} {'FLOPx':>6} {'ops':>6} {'syncs':>5}")
-    lines = [f"device={result['device']} dtype={result['dtype']} attn={result['attn']} batch={result['batch']} "
-             f"visual={result['n_visual']} text={result['text_tokens']} reps={result['reps']}", head]
+            f"{'select ms':>9} {'KV MiB':>7} {'KVx':>5} {'GFLOP':>8} {'FLOPx':>6} {'ops':>6} {'syncs':>5} "
+            f"{'peak MiB':>8} {'sel MiB':>7}")
+    lines = [f"{result['model']}: device={result['device']} dtype={result['dtype']} attn={result['attn']} "
+             f"batch={result['batch']} visual={result['n_visual']} text={result['text_tokens']} "
+             f"reps={result['reps']}", head]
     for r in result["rows"]:
         sel = f"{r['select_ms']:.1f}" if r["select_ms"] is not None else "-"
         lines.append(
@@ -309,9 +308,11 @@ def format_table(result: dict[str, Any]) -> str:
             .ljust(35)
             + f" {r['prefill_speedup']:>6.2f} {r['e2e_ms']:>9.1f} {r['e2e_speedup']:>6.2f} {r['decode_tok_s']:>9.1f} "
             f"{sel:>9} {r['kv_bytes'] / 2**20:>7.2f} {r['kv_ratio']:>5.2f} {r['gflops']:>8.2f} {r['flops_ratio']:>6.2f}"
-            f" {r['kernel_ops']:>6} {r['host_syncs']:>5}"
+            f" {r['kernel_ops']:>6} {r['host_syncs']:>5} {r['transient_peak_mb']:>8.1f} "
+            + (f"{r['selection_peak_mb']:>7.1f}" if r["selection_peak_mb"] is not None else f"{'-':>7}")
         )
-    lines.append("ops: kernel-launching aten ops of one prefill (view-only ops left out); syncs: host reads")
+    lines.append("ops: kernel-launching aten ops of one prefill (view-only ops left out); syncs: host reads; "
+                 "peak: bytes the prefill allocates and holds at once; sel: the selection's own peak")
     lines.append("checks: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in result["checks"].items()))
     return "\n".join(lines)
@@ -347,20 +348,28 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF id or path of a real checkpoint (default: built-in random weights, --shapes)")
-    p.add_argument("--shapes", default="miniature", choices=["miniature", "llava-1.5-7b"],
-                   help="random-weight model to build when --model is not given: the 32-layer CPU "
-                        "miniature, or LLaVA-1.5-7B's real shapes (for a GPU: about 14 GB in bfloat16)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--text-tokens", type=int, default=50)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64, 32])
-    p.add_argument("--naive-budgets", type=int, nargs="*", default=[64])
+    p.add_argument("--shapes", default=None, choices=list(SHAPES),
+                   help="random-weight model and input to build when --model is not given (default miniature: "
+                        "LLaVA-1.5, 576 visual tokens): CPU miniatures llava-672 (2,304), llava-next (2,928), "
+                        "qwen2.5-vl-1344 (2,304), qwen2.5-vl-video (4,096), or the real 7B shapes for a GPU "
+                        "(llava-1.5-7b, llava-next-7b, qwen2.5-vl-7b, qwen2.5-vl-7b-video); with --model, the "
+                        "input to give it (default: by its model type)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
+    p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"],
+                   help="attention implementation")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
+    p.add_argument("--batch", type=int, default=1, help="identical rows per batch")
+    p.add_argument("--text-tokens", type=int, default=50, help="text tokens per prompt")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generate() makes in the end-to-end timing")
+    p.add_argument("--budgets", type=int, nargs="+", default=None,
+                   help="visual tokens kept (default: 192 128 64 32 on the miniature, else --budget-fraction)")
+    p.add_argument("--budget-fraction", type=float, default=0.111,
+                   help="the default budget as a fraction of the visual tokens on shapes other than the miniature")
+    p.add_argument("--naive-budgets", type=int, nargs="*", default=None,
+                   help="budgets of the authors'-style mode (default: 64 on the miniature, none elsewhere)")
     p.add_argument("--reps", type=int, default=7, help="prefill repetitions per mode")
     p.add_argument("--e2e-reps", type=int, default=3, help="generate repetitions per mode")
-    p.add_argument("--num-layers", type=int, default=None, help="built-in shapes only: LM depth (default 32)")
+    p.add_argument("--num-layers", type=int, default=None, help="built-in shapes only: LM depth (default: the shape's)")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON and PNG")
     p.add_argument("--tag", default=None, help="file name stem (default: speed-<device>-b<batch>)")
     return p
@@ -379,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.tag or f"speed-{'gpu' if result['device'] != 'cpu' else 'cpu'}-b{args.batch}"
+    shape = "" if (args.shapes or "miniature") == "miniature" else f"-{args.shapes}"
+    stem = args.tag or f"speed-{'gpu' if result['device'] != 'cpu' else 'cpu'}{shape}-b{args.batch}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     try:
         plot(result, out / f"{stem}.png")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,36 +32,6 @@ def kv_cache_bytes(cache: Any) -> tuple[int, list[int]]:
     return sum(per_layer), per_layer
 
 
-class _FlopCounter(TorchDispatchMode):
-    """Sums torch's own per-operator FLOP formulas (FlopCounterMode's registry) over every
-    operator dispatched, backward ones included. FlopCounterMode itself tracks modules with
-    autograd hooks that break ``torch.autograd.grad`` (which the saliency probe uses)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.registry = FlopCounterMode(display=False).flop_registry
-        self.total = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        rule = self.registry.get(func._overloadpacket)
-        if rule is not None:
-            self.total += int(rule(*args, **kwargs, out_val=out))
-        return out
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """Floating-point operations of one call of ``fn``, by torch's FLOP formulas (matrix
-    products and attention; element-wise work is not counted). Backward passes run inside,
-    such as the saliency probe's, are counted too. Call it outside ``torch.inference_mode``
-    (use ``torch.no_grad``): dispatch modes see no operator in inference mode."""
-    counter = _FlopCounter()
-    with counter:
-        fn()
-    return counter.total
-
-
 # Ops that only make views (no kernel on a GPU); matched as substrings of the op's name.
 VIEW_OPS = ("view", "unsqueeze", "expand", "slice", "detach", "permute", "aten.t", "squeeze", "transpose",
             "select", "alias", "as_strided", "_reshape_alias", "split", "unbind", "chunk", "narrow", "diagonal")
@@ -68,37 +40,84 @@ SYNC_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "a
             "aten.item", "aten.is_nonzero", "aten.equal")
 
 
-class LaunchCounter(TorchDispatchMode):
-    """Counts the kernel-launching aten ops and the host reads of what runs inside it.
+class OpStats(TorchDispatchMode):
+    """What the code run inside it dispatches, in one pass (forward and any backward):
 
-    Kernel ops: every dispatched aten op except those in :data:`VIEW_OPS` (forward and any
-    backward). Host reads: the ops in :data:`SYNC_OPS`, plus every ``Tensor.tolist()`` call
-    (which on a CPU tensor dispatches nothing but on a GPU tensor waits for the device). The
-    figures are the same on CPU and GPU for the same code path. Use outside inference mode.
+    * ``kernels``: aten ops except those in :data:`VIEW_OPS` (each launches a kernel on a GPU);
+    * ``syncs``: host reads: the ops in :data:`SYNC_OPS` and every ``Tensor.tolist()`` call (which
+      on a CPU tensor dispatches nothing but on a GPU tensor waits for the device);
+    * ``flops``: torch's per-operator FLOP formulas (matrix products and attention; element-wise
+      work is not counted). FlopCounterMode itself tracks modules with autograd hooks that break
+      ``torch.autograd.grad`` (which the autograd probes use);
+    * ``peak_bytes``: the most bytes held at once by storages created inside (weights and inputs
+      made before are not counted): the transient memory of the call, on any device.
+      :meth:`window` measures the peak of a part of the call above what was held when it began.
+
+    The counts are the same on CPU and GPU for the same code path. Use outside
+    ``torch.inference_mode`` (dispatch modes see no operator there): use ``torch.no_grad``.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.kernels = 0
         self.syncs = 0
+        self.flops = 0
         self.by_op: dict[str, int] = {}
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._window_start: int | None = None
+        self.window_peak_bytes = 0
+        self._storages: dict[int, int] = {}
+        self._flop_rules = FlopCounterMode(display=False).flop_registry
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         name = str(func.overloadpacket)
         if not any(v in name for v in VIEW_OPS):
             self.kernels += 1
             self.by_op[name] = self.by_op.get(name, 0) + 1
         if name in SYNC_OPS:
             self.syncs += 1
-        return func(*args, **(kwargs or {}))
+        rule = self._flop_rules.get(func._overloadpacket)
+        if rule is not None:
+            self.flops += int(rule(*args, **kwargs, out_val=out))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
 
-    def __enter__(self) -> LaunchCounter:
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if not key or key in self._storages:
+            return
+        self._storages[key] = storage.nbytes()
+        self.live_bytes += storage.nbytes()
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        if self._window_start is not None:
+            self.window_peak_bytes = max(self.window_peak_bytes, self.live_bytes - self._window_start)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.live_bytes -= self._storages.pop(key, 0)
+
+    @contextmanager
+    def window(self) -> Iterator[None]:
+        """Inside: ``window_peak_bytes`` grows to the peak held above the bytes held at entry."""
+        self._window_start = self.live_bytes
+        try:
+            yield
+        finally:
+            self._window_start = None
+
+    def __enter__(self) -> OpStats:
         self._tolist = torch.Tensor.tolist
-        counter = self
+        stats = self
 
         def tolist(tensor: torch.Tensor) -> Any:
-            counter.syncs += 1
-            return counter._tolist(tensor)
+            stats.syncs += 1
+            return stats._tolist(tensor)
 
         torch.Tensor.tolist = tolist  # type: ignore[method-assign, assignment]
         return super().__enter__()
@@ -108,11 +127,18 @@ class LaunchCounter(TorchDispatchMode):
         super().__exit__(*exc)
 
 
-def count_launches(fn: Callable[[], Any]) -> tuple[int, int]:
-    """(kernel-launching ops, host reads) of one call of ``fn`` (see :class:`LaunchCounter`)."""
-    with LaunchCounter() as counter:
+def count_flops(fn: Callable[[], Any]) -> int:
+    """Floating-point operations of one call of ``fn`` (see :class:`OpStats`)."""
+    with OpStats() as stats:
         fn()
-    return counter.kernels, counter.syncs
+    return stats.flops
+
+
+def count_launches(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(kernel-launching ops, host reads) of one call of ``fn`` (see :class:`OpStats`)."""
+    with OpStats() as stats:
+        fn()
+    return stats.kernels, stats.syncs
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -131,11 +157,16 @@ class TimedSelector:
         self.inner = inner
         self.seconds = 0.0
         self.calls = 0
+        self.stats: OpStats | None = None  # when set, the selection's memory peak is measured in it
 
     def __call__(self, request: Any) -> torch.Tensor:
         synchronize()
         start = time.perf_counter()
-        out = self.inner(request)
+        if self.stats is not None:
+            with self.stats.window():
+                out = self.inner(request)
+        else:
+            out = self.inner(request)
         synchronize()
         self.seconds += time.perf_counter() - start
         self.calls += 1
