@@ -40,6 +40,7 @@ def wrap(
     preset: str | None = None,
     encoder: str | None = _UNSET,
     encoder_budget: int | None = _UNSET,
+    capture: bool = _UNSET,
     config: PruneConfig | None = None,
     selector: Selector | None = None,
 ) -> M:
@@ -54,6 +55,8 @@ def wrap(
     ``encoder="visionzip", encoder_budget=128`` first reduces the visual tokens before the language
     model (encoder-involved mode; LLaVA-1.5: 128 per image, VisionZip-style; Qwen2-VL / Qwen2.5-VL:
     128 per sample, window-local + global on the tower's attention; see :mod:`pio_fvlm.encoder`).
+    ``capture=True`` runs the probe as one compiled graph per shape bucket (a CUDA graph on a GPU:
+    for batch 1 on a fast GPU; the first prefill of each bucket compiles).
     ``selector=`` swaps the token choice (for baselines and tests); PIO-FVLM by default.
     """
     keywords = {
@@ -66,6 +69,7 @@ def wrap(
         "schedule": schedule,
         "encoder": encoder,
         "encoder_budget": encoder_budget,
+        "capture": capture,
     }
     given = {k: v for k, v in keywords.items() if v is not _UNSET}
     if preset is not None:

@@ -39,6 +39,10 @@ class PruneConfig:
             global on Qwen2-VL / Qwen2.5-VL), then the saliency stages prune on from there.
         encoder_budget: tokens kept by the encoder-side reduction: per image on LLaVA-1.5 (fixed
             576-token images), per sample on Qwen (images of different sizes share it).
+        capture: run the probe as one compiled graph per shape bucket (``torch.compile`` with
+            ``mode="reduce-overhead"``: a CUDA graph on a GPU). Worth it at batch 1 on a fast GPU,
+            where the probe's many small kernels cost more launch time than compute; the first
+            prefill of each bucket compiles (seconds). See :mod:`pio_fvlm.select.capture`.
     """
 
     budget: Budget = 64
@@ -50,6 +54,7 @@ class PruneConfig:
     schedule: tuple[tuple[int, Budget], ...] | None = None
     encoder: str | None = None
     encoder_budget: int | None = None
+    capture: bool = False
 
     def stages(self) -> tuple[tuple[int, Budget], ...]:
         """The prune stages: the schedule, or the single stage ``((layer, budget),)``."""
@@ -110,6 +115,8 @@ class PruneConfig:
                     f"encoder={self.encoder!r} needs encoder_budget, an int >= 1 of tokens kept (per image on "
                     f"LLaVA-1.5, per sample on Qwen) before the language model (e.g. encoder_budget=128); got {b!r}"
                 )
+        if not isinstance(self.capture, bool):
+            raise TypeError(f"capture must be True or False; got {self.capture!r}")
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}; got {self.positions!r}")
         return self

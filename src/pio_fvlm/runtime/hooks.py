@@ -110,7 +110,10 @@ class Runtime:
             return "full"
         head, norm = self.parts.head, self.parts.norm
         if not (_offloaded(head) or _offloaded(norm)) and supports_closed_form(layer, norm, head):
-            return "closed_form"
+            return "captured" if self.config.capture else "closed_form"
+        if self.config.capture:
+            logger.warning("pio_fvlm: capture=True needs the closed-form probe, which this model's layers (or "
+                           "offloaded weights) do not allow; the probe runs uncaptured.")
         return "fast" if supports_fast_probe(layer) else "full"
 
     _PORTABLE = ("parts", "config", "stages", "selectors", "stage_of", "probes", "_hooks", "_extra_hooks",

@@ -100,41 +100,55 @@ def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return torch.addcmul(torch.cat((y[..., half:], -y[..., :half]), dim=-1), grad, cos)
 
 
-def _key_bias(inp: ProbeInputs, s: int) -> torch.Tensor:
-    """(B, K, S) fp32: 0 where proxy query k may attend key s (valid, causal), else the fp32 minimum."""
+def key_bias(inp: ProbeInputs, s: int) -> torch.Tensor:
+    """(B, K, S) fp32: 0 where proxy query k may attend key s (valid, causal), else the fp32 minimum.
+    ``s`` may exceed the inputs' length (padding to a captured shape): those keys are masked."""
     qpos = inp.query_positions
     low = torch.finfo(torch.float32).min
     host = inp.query_positions_host
-    if host is not None and inp.all_valid:
+    if host is not None and inp.all_valid and s == inp.hidden.shape[1]:
         # Built on the host when every token is real: one copy instead of four device ops.
         bias = np.where(np.arange(s)[None, None, :] <= host[:, :, None], 0.0, low).astype(np.float32)
         return torch.from_numpy(bias).to(qpos.device)
-    allowed = (torch.arange(s, device=qpos.device) <= qpos.unsqueeze(2)) & inp.valid.unsqueeze(1)
+    valid = inp.valid
+    if s > valid.shape[1]:
+        valid = torch.cat([valid, valid.new_zeros(valid.shape[0], s - valid.shape[1])], dim=1)
+    allowed = (torch.arange(s, device=qpos.device) <= qpos.unsqueeze(2)) & valid.unsqueeze(1)
     return torch.where(allowed, 0.0, low)
 
 
 # ---------------------------------------------------------------------------------- the probe
-@torch.no_grad()
 def closed_form_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
     """||dLoss/dx_j||_2 for every token j, as (B, S) fp32, without autograd.
 
     Equal to :func:`.saliency.fast_saliency` and :func:`.saliency.full_layer_saliency` up to
     float rounding; needs ``supports_closed_form`` and position embeddings.
     """
-    layer: Any = mods.layer
+    assert inp.position_embeddings is not None
+    cos, sin = inp.position_embeddings
+    return saliency_core(mods.layer, mods.norm, mods.head, inp.hidden, inp.query_positions, cos, sin,
+                         key_bias(inp, inp.hidden.shape[1]))
+
+
+@torch.no_grad()
+def saliency_core(layer: Any, norm: Any, head: Any, x: torch.Tensor, qpos: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The closed-form probe on plain tensors (what a captured graph runs).
+
+    Args:
+        x: (B, S, D) hidden states entering ``layer``; qpos: (B, K) proxy positions;
+        cos, sin: (B or 1, S, d) rotary tables; bias: (B, K, S) fp32 key mask (:func:`key_bias`).
+    Returns:
+        (B, S) fp32 saliency.
+    """
     attn: Any = layer.self_attn
     mlp: Any = layer.mlp
-    norm: Any = mods.norm
-    head: Any = mods.head
-    assert inp.position_embeddings is not None
-    x = inp.hidden
     b, s, dim = x.shape
-    qpos = inp.query_positions
     k_count = qpos.shape[1]
     hd, groups, scale = attn.head_dim, attn.num_key_value_groups, attn.scaling
     n_kv = attn.k_proj.out_features // hd
     n_q = n_kv * groups
-    cos, sin = (t.expand(b, -1, -1) for t in inp.position_embeddings)  # (B, S, d)
+    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)  # (B, S, d)
     cos_q, sin_q = gather_tokens(cos, qpos), gather_tokens(sin, qpos)  # (B, K, d)
 
     # ---- forward, S tokens: input norm, keys; K tokens: queries
@@ -147,7 +161,7 @@ def closed_form_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
     q_groups = q.view(b, k_count, n_kv, groups, hd).permute(0, 2, 3, 1, 4).reshape(b, n_kv, groups * k_count, hd)
     keys_t = k.permute(0, 2, 3, 1)
     scores = (q_groups @ keys_t).view(b, n_kv, groups, k_count, s)
-    logits = torch.add(_key_bias(inp, s).view(b, 1, 1, k_count, s), scores, alpha=scale)
+    logits = torch.add(bias.view(b, 1, 1, k_count, s), scores, alpha=scale)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype).view(b, n_q * k_count, s)
     mixed = probs @ xn  # (B, H*K, D): attention-weighted inputs, rows (n, g, k)
 

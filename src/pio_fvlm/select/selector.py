@@ -8,12 +8,18 @@ from typing import Literal, Protocol
 import torch
 
 from ..config import PruneConfig
+from .capture import captured_saliency
 from .closed_form import closed_form_saliency
 from .nms import select_with_nms
 from .saliency import ProbeInputs, ProbeModules, fast_saliency, full_layer_saliency
 
-ProbeKind = Literal["closed_form", "fast", "full"]
-PROBES = {"closed_form": closed_form_saliency, "fast": fast_saliency, "full": full_layer_saliency}
+ProbeKind = Literal["captured", "closed_form", "fast", "full"]
+PROBES = {
+    "captured": captured_saliency,
+    "closed_form": closed_form_saliency,
+    "fast": fast_saliency,
+    "full": full_layer_saliency,
+}
 
 
 @dataclass
@@ -27,8 +33,9 @@ class SelectionRequest:
         budgets: (B,) long, how many candidates each row keeps (<= its candidate count).
         config: the wrap's settings.
         probe: how the saliency is computed: ``"closed_form"`` (no autograd, see
-            :mod:`.closed_form`), ``"fast"`` (autograd at the proxy positions only) or ``"full"``
-            (autograd through the real layer); all three give the same saliency.
+            :mod:`.closed_form`), ``"captured"`` (the same, compiled: :mod:`.capture`), ``"fast"``
+            (autograd at the proxy positions only) or ``"full"`` (autograd through the real layer);
+            all give the same saliency.
         candidate_counts: per row, the number of candidates, known on the host.
         budget_counts: ``budgets`` on the host.
     """
