@@ -19,6 +19,17 @@ For each model and attention backend (sdpa, eager) it records, as measured numbe
   (``min_new_tokens``), so the work is the same as for a real checkpoint.
 
 Writes ``gpu-check-<dtype>.json`` under ``--out``. Real checkpoints: ``pio-fvlm run --model ...`` (README).
+
+``--table`` instead measures the speed table in one run (random weights at the real shapes, built on
+the device, nothing downloaded; a few minutes on one large GPU):
+
+    python benchmarks/gpu_check.py --table --out benchmarks/results/gpu
+
+rows :data:`TABLE`: LLaVA-1.5-7B at batch 1 (eager probe and ``capture=True``) and 8, LLaVA-NeXT-7B
+(a 672 x 672 image, 2,928 tokens) and Qwen2.5-VL-7B (a 32-frame video, 4,096 tokens) at batch 1,
+each through ``pio-fvlm bench`` (full / pio / free / ideal prefill, kernel ops, memory) at 11.1 % of
+the visual tokens; with ``flash-attn`` importable, LLaVA-1.5-7B again with ``flash_attention_2``.
+Writes ``gpu-table-<dtype>.json`` and prints one line per row.
 """
 
 from __future__ import annotations
@@ -200,6 +211,63 @@ def sdpa_flash_only(model: nn.Module, budget: int, new_tokens: int, small: bool)
     return out
 
 
+# (shape, batch, capture): the GPU speed table
+TABLE = [("llava-1.5-7b", 1, False), ("llava-1.5-7b", 1, True), ("llava-1.5-7b", 8, False),
+         ("llava-next-7b", 1, False), ("qwen2.5-vl-7b-video", 1, False)]
+# the CPU miniature of each shape (--small: a smoke test of the table on any machine)
+SMALL_SHAPES = {"llava-1.5-7b": "miniature", "llava-next-7b": "llava-next", "qwen2.5-vl-7b-video": "qwen2.5-vl-video"}
+
+
+def table_row(shape: str, batch: int, capture: bool, attn: str, dtype: str, device: str, small: bool,
+              reps: int) -> dict[str, Any]:
+    """One row of the speed table: ``pio-fvlm bench`` on ``shape`` at its 11.1 % budget."""
+    import gc
+
+    from pio_fvlm import bench
+
+    argv = ["--shapes", SMALL_SHAPES[shape] if small else shape, "--batch", str(batch), "--dtype", dtype,
+            "--attn", attn, "--device", device, "--reps", str(reps), "--e2e-reps", "0", "--naive-budgets",
+            "--budgets", str(round(0.111 * {"llava-1.5-7b": 576, "llava-next-7b": 2928,
+                                             "qwen2.5-vl-7b-video": 4096}[shape]))]
+    if small:
+        argv += ["--num-layers", "2", "--text-tokens", "20"]
+    if capture:
+        argv.append("--capture")
+    result = bench.run(bench.parser().parse_args(argv))
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    rows = {r["kind"]: r for r in result["rows"] if r["budget"] != result["n_visual"]}
+    b = rows["pio"]["budget"]
+    return {
+        "shape": shape, "batch": batch, "capture": capture, "attn": attn, "visual": result["n_visual"], "budget": b,
+        **{f"{k}_prefill_ms": round(rows[k]["prefill_ms"], 2) for k in ("full", "pio", "free", "ideal")},
+        "pio_speedup": round(rows["pio"]["prefill_speedup"], 3),
+        "ideal_speedup": round(rows["ideal"]["prefill_speedup"], 3),
+        "pio_over_free_paired": round(result["checks"][f"pio{b}_over_free{b}_paired"], 3),
+        "select_ms": round(rows["pio"]["select_ms"], 2),
+        "extra_kernel_ops": result["checks"][f"pio{b}_extra_kernel_ops"],
+        "extra_host_syncs": result["checks"][f"pio{b}_extra_host_syncs"],
+        "full_peak_mib": rows["full"]["peak_mb"], "pio_peak_mib": rows["pio"]["peak_mb"],
+        "selection_peak_mib": rows["pio"]["selection_peak_mb"],
+    }
+
+
+def table(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every row of :data:`TABLE` (and flash-attn rows when the package imports), printed as measured."""
+    import importlib.util
+
+    plan = [(shape, batch, capture, "sdpa") for shape, batch, capture in TABLE]
+    if importlib.util.find_spec("flash_attn") is not None and not args.small:
+        plan += [("llava-1.5-7b", 1, False, "flash_attention_2"), ("llava-1.5-7b", 8, False, "flash_attention_2")]
+    rows = []
+    for shape, batch, capture, attn in plan:
+        row = table_row(shape, batch, capture, attn, args.dtype, args.device, args.small, args.reps)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["llava-1.5-7b", "qwen2.5-vl-7b"],
@@ -211,9 +279,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-timing", action="store_true", help="correctness numbers only (e.g. a float32 run)")
+    p.add_argument("--table", action="store_true", help="the speed table (see above) instead of the checks")
+    p.add_argument("--reps", type=int, default=5, help="--table: prefill repetitions per mode")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.table:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = table(args)
+        (out / f"gpu-table-{args.dtype}.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows},
+                                                                      indent=1))
+        return
     budget = 8 if args.small else args.budget
     import transformers
 

@@ -49,3 +49,13 @@ def test_gpu_check_builds_the_real_shapes_in_the_dtype_asked_for(name: str, widt
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert torch.get_default_dtype() == torch.float32  # restored after the build
+
+
+def test_gpu_table_row_runs_the_bench_at_the_shape_budget() -> None:
+    """--table --small: the same row code on the CPU miniature of LLaVA-1.5-7B (2 layers)."""
+    gpu_check = load_script("benchmarks/gpu_check.py")
+    row = gpu_check.table_row("llava-1.5-7b", 1, False, "sdpa", "float32", "cpu", small=True, reps=1)
+    assert (row["visual"], row["budget"]) == (576, 64)
+    assert row["pio_prefill_ms"] > 0 and row["ideal_prefill_ms"] > 0
+    assert 0 < row["extra_kernel_ops"] <= 150 and row["extra_host_syncs"] <= 2
+    assert row["selection_peak_mib"] > 0

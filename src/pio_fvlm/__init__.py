@@ -3,7 +3,7 @@
     model = pio_fvlm.wrap(model, budget=64)   # then model.generate(...) as always
 """
 
-from .api import get_config, is_wrapped, last_selection, unwrap, wrap
+from .api import get_config, is_wrapped, last_selection, pruned, unwrap, wrap
 from .config import PruneConfig
 from .models import supported_model_types
 from .schedules import PRESETS, average_budget, schedule_for
@@ -22,6 +22,7 @@ __all__ = [
     "get_config",
     "is_wrapped",
     "last_selection",
+    "pruned",
     "schedule_for",
     "supported_model_types",
     "unwrap",

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from .config import Budget, PruneConfig
-from .encoder import install_encoder
+from .encoder import check_encoder_settings, install_encoder
 from .models import adapter_for
 from .runtime import Runtime
 from .runtime.masks import check_attention_backend
+from .schedules import normalize_schedule
 from .select import PioSelector, Selector
 
 _RUNTIME_ATTR = "_pio_fvlm_runtime"
@@ -94,7 +96,11 @@ def wrap(
         config = PruneConfig(**given)  # type: ignore[arg-type]
     adapter = adapter_for(model)
     parts = adapter.find_parts(model)
+    if config.schedule is not None:
+        config = config.replace(schedule=normalize_schedule(config.schedule, len(parts.layers)))
     config.validate(len(parts.layers))
+    if config.encoder is not None or config.encoder_budget is not None:
+        check_encoder_settings(config.encoder, config.encoder_budget)
     if config.positions not in adapter.position_modes:
         raise ValueError(
             f"positions={config.positions!r} is not available for {adapter.name}: use one of "
@@ -120,6 +126,29 @@ def wrap(
     runtime.install()
     object.__setattr__(model, _RUNTIME_ATTR, runtime)
     return model
+
+
+@contextmanager
+def pruned(model: M, budget: Budget = _UNSET, **settings: Any) -> Iterator[M]:
+    """``wrap`` for the duration of a ``with`` block, then back to what the model was.
+
+        with pio_fvlm.pruned(model, budget=64):
+            out = model.generate(**inputs)
+
+    Takes the same settings as :func:`wrap`. On exit the model is unwrapped, or, if it was
+    wrapped before the block, wrapped again exactly as it was (same settings and selector).
+    """
+    previous = getattr(model, _RUNTIME_ATTR, None)
+    if budget is not _UNSET:
+        settings["budget"] = budget
+    wrap(model, **settings)
+    try:
+        yield model
+    finally:
+        unwrap(model)
+        if isinstance(previous, Runtime):
+            previous.install()
+            object.__setattr__(model, _RUNTIME_ATTR, previous)
 
 
 def is_wrapped(model: nn.Module) -> bool:
@@ -151,6 +180,7 @@ def last_selection(model: nn.Module, stage: int = -1) -> list[torch.Tensor] | No
     the positions in that call's ``input_ids`` (padding included) of the visual tokens kept.
 
     ``stage`` picks a stage of a multi-stage schedule (default: the last, what the deepest
-    layers see). ``None`` before any such call. Across threads, the most recent call wins.
+    layers see). ``None`` before any such call. A call without visual tokens (a text-only prompt,
+    a decode step) leaves it unchanged. Across threads, the most recent call wins.
     """
     return _runtime(model).last_selection(stage)

@@ -84,10 +84,12 @@ class Mode:
 class Bench:
     """Runs each mode's prefill and generate on one model and one batch."""
 
-    def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int) -> None:
+    def __init__(self, model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int,
+                 capture: bool = False) -> None:
         self.model = model
         self.inputs = {k: v.to(model.device) for k, v in inputs.items()}
         self.new_tokens = new_tokens
+        self.capture = capture
         self.timer = TimedSelector(PioSelector())
 
     def _configure(self, mode: Mode) -> None:
@@ -101,7 +103,7 @@ class Bench:
                 "free": TimedSelector(UniformSelector()),
             }
             self.timer_now = inner[mode.kind]
-            wrap(self.model, budget=mode.budget, selector=self.timer_now)
+            wrap(self.model, budget=mode.budget, selector=self.timer_now, capture=self.capture and mode.kind == "pio")
         elif mode.kind == "ideal":
             assert mode.budget is not None
             prune_before_layer_0(self.model, mode.budget)
@@ -180,7 +182,7 @@ def run(args: argparse.Namespace, progress: Callable[[Any], Any] | None = None) 
     inputs = shape_inputs(model, shape, args.batch, args.text_tokens)
     n_visual = int((inputs["input_ids"][0] == visual_token_id(model, shape)).sum())
     budgets, naive_budgets, free_budgets = mode_budgets(args, n_visual)
-    bench = Bench(model, inputs, args.new_tokens)
+    bench = Bench(model, inputs, args.new_tokens, capture=args.capture)
     modes = [Mode("full", "full")]
     for b in budgets:
         modes += [Mode(f"pio-{b}", "pio", b), Mode(f"ideal-{b}", "ideal", b)]
@@ -284,6 +286,7 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
         "hidden_size": model.config.text_config.hidden_size,
         "dtype": args.dtype,
         "attn": args.attn,
+        "capture": args.capture,
         "batch": args.batch,
         "n_visual": n_visual,
         "text_tokens": args.text_tokens,
@@ -367,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the default budget as a fraction of the visual tokens on shapes other than the miniature")
     p.add_argument("--naive-budgets", type=int, nargs="*", default=None,
                    help="budgets of the authors'-style mode (default: 64 on the miniature, none elsewhere)")
+    p.add_argument("--capture", action="store_true",
+                   help="pio modes run the probe as a compiled graph (wrap(..., capture=True); for a GPU)")
     p.add_argument("--reps", type=int, default=7, help="prefill repetitions per mode")
     p.add_argument("--e2e-reps", type=int, default=3, help="generate repetitions per mode")
     p.add_argument("--num-layers", type=int, default=None, help="built-in shapes only: LM depth (default: the shape's)")

@@ -6,8 +6,9 @@ Validation happens once, at ``wrap`` time, and every error says what to pass ins
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 Budget = int | float
 POSITION_MODES = ("keep", "compact")
@@ -56,6 +57,11 @@ class PruneConfig:
     encoder_budget: int | None = None
     capture: bool = False
 
+    def __post_init__(self) -> None:
+        # numpy and torch scalars (np.int64(64), a 0-d tensor) become the Python numbers they hold
+        for name in ("budget", "layer", "nms_threshold", "proxy_tokens", "encoder_budget"):
+            object.__setattr__(self, name, plain_number(getattr(self, name)))
+
     def stages(self) -> tuple[tuple[int, Budget], ...]:
         """The prune stages: the schedule, or the single stage ``((layer, budget),)``."""
         return self.schedule if self.schedule is not None else ((self.layer, self.budget),)
@@ -68,16 +74,12 @@ class PruneConfig:
         """Check every field against a model with ``num_layers`` decoder layers.
 
         Returns ``self`` so that it can be chained. Raises ``TypeError`` / ``ValueError``
-        with a message that names the accepted values.
+        with a message that names the accepted values. The schedule's own entries are checked by
+        :func:`pio_fvlm.schedules.normalize_schedule` and the encoder settings by
+        :func:`pio_fvlm.encoder.check_encoder_settings` (``wrap`` calls both).
         """
-        if self.schedule is not None:
-            from .schedules import normalize_schedule
-
-            if self.budget != 64 or self.layer != 1:
-                raise ValueError(
-                    "schedule= replaces budget= and layer=: pass either a schedule or a budget and layer"
-                )
-            object.__setattr__(self, "schedule", normalize_schedule(self.schedule, num_layers))
+        if self.schedule is not None and (self.budget != 64 or self.layer != 1):
+            raise ValueError("schedule= replaces budget= and layer=: pass either a schedule or a budget and layer")
         validate_budget(self.budget)
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise TypeError(
@@ -104,22 +106,25 @@ class PruneConfig:
             raise ValueError(f"proxy_tokens must be an int >= 1 (4 is the authors' setting); got {k!r}")
         if not isinstance(self.proxy_includes_last, bool):
             raise TypeError(f"proxy_includes_last must be True or False; got {self.proxy_includes_last!r}")
-        if self.encoder is not None or self.encoder_budget is not None:
-            from .encoder import ENCODERS
-
-            if self.encoder not in ENCODERS:
-                raise ValueError(f"encoder must be one of {ENCODERS} or None; got {self.encoder!r}")
-            b = self.encoder_budget
-            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-                raise ValueError(
-                    f"encoder={self.encoder!r} needs encoder_budget, an int >= 1 of tokens kept (per image on "
-                    f"LLaVA-1.5, per sample on Qwen) before the language model (e.g. encoder_budget=128); got {b!r}"
-                )
         if not isinstance(self.capture, bool):
             raise TypeError(f"capture must be True or False; got {self.capture!r}")
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}; got {self.positions!r}")
         return self
+
+
+def plain_number(value: Any) -> Any:
+    """A numpy or torch scalar number as the Python ``int`` / ``float`` it holds; anything else as is
+    (booleans stay booleans, so that they are refused as numbers)."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item") and not isinstance(value, (bool, int, float)):
+        value = value.item()  # a 0-d tensor or array
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def validate_budget(budget: object) -> None:

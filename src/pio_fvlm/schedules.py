@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .config import Budget, validate_budget
+from .config import Budget, plain_number, validate_budget
 
 Schedule = tuple[tuple[int, Budget], ...]
 
@@ -37,7 +37,7 @@ def normalize_schedule(schedule: object, num_layers: int) -> Schedule:
     for item in schedule:
         if not isinstance(item, Sequence) or len(item) != 2:
             raise TypeError(f"each schedule entry must be a (layer, kept) pair; {hint}; got {item!r}")
-        layer, kept = item
+        layer, kept = (plain_number(v) for v in item)
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers - 1:
             raise ValueError(
                 f"schedule layer {layer!r} is out of range: each layer must be an int in 1..{num_layers - 1} "

@@ -15,6 +15,17 @@ ENCODERS = ("visionzip",)
 Hooks = list[tuple[nn.Module, Any]]  # (module, forward pre-hook with kwargs)
 
 
+def check_encoder_settings(encoder: object, encoder_budget: object) -> None:
+    """Raise a clear error unless ``encoder`` names an encoder mode and ``encoder_budget`` is a count."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS} or None; got {encoder!r}")
+    if isinstance(encoder_budget, bool) or not isinstance(encoder_budget, int) or encoder_budget < 1:
+        raise ValueError(
+            f"encoder={encoder!r} needs encoder_budget, an int >= 1 of tokens kept (per image on LLaVA-1.5, "
+            f"per sample on Qwen) before the language model (e.g. encoder_budget=128); got {encoder_budget!r}"
+        )
+
+
 @dataclass
 class EncoderInstall:
     """What an encoder mode adds to a wrap: the layer-0 selector, its per-sample budget
@@ -124,4 +135,5 @@ class PerImageBudget:
         return (n_visual // self.per_image) * self.kept
 
 
-__all__ = ["ENCODERS", "ClsAttentionCapture", "QwenWindowSelector", "VisionZipSelector", "install_encoder"]
+__all__ = ["ENCODERS", "ClsAttentionCapture", "QwenWindowSelector", "VisionZipSelector", "check_encoder_settings",
+           "install_encoder"]
