@@ -269,7 +269,9 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
     text = seq_len - n_visual  # text tokens (and markers around the visual run)
     checks["pruned_layer_kv_expected"] = (text + b) / seq_len
     selection_peak = by[f"pio-{b}"]["selection_peak_mb"]
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     checks["selection_peak_of_full_peak"] = selection_peak / by["full"]["transient_peak_mb"]
+    checks["selection_peak_of_full_peak_with_weights"] = selection_peak / (by["full"]["transient_peak_mb"] + weights_mb)
     for kind in ("pio", "free"):
         if f"{kind}-{b}" in by:
             checks[f"{kind}{b}_extra_kernel_ops"] = by[f"{kind}-{b}"]["kernel_ops"] - full.kernel_ops
@@ -284,6 +286,7 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
         "model": args.model or args.shapes or "miniature",
         "num_layers": model.config.text_config.num_hidden_layers,
         "hidden_size": model.config.text_config.hidden_size,
+        "weights_mb": weights_mb,
         "dtype": args.dtype,
         "attn": args.attn,
         "capture": args.capture,

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import DynamicCache
 
 from ..config import Budget, PruneConfig, tokens_to_keep
@@ -34,7 +35,7 @@ from ..select.closed_form import supports_closed_form
 from ..select.saliency import PROBING, ProbeInputs, ProbeModules, proxy_query_positions, supports_fast_probe
 from ..select.selector import ProbeKind, SelectionRequest, Selector
 from .masks import causal_padding_mask
-from .plan import gather_position_ids, gather_tokens, keep_index, scatter_back
+from .plan import StageSource, compact_position_ids, gather_position_ids, gather_tokens, plan_stage, scatter_back
 from .state import CacheRecord, CallState, StageCache, StageInputs
 
 logger = logging.getLogger("pio_fvlm")
@@ -84,7 +85,7 @@ class Runtime:
         # a layer whose weights accelerate keeps off the device (CPU / disk offload: meta
         # parameters until its own forward runs) gets the generic probe, which calls the layer.
         self.probes = [self._probe_kind(parts.layers[start]) for start, _ in stages]
-        self._hooks: list[tuple[torch.nn.Module, int]] = []  # (module, hook id): see remove()
+        self._handles: list[RemovableHandle] = []
         self._extra_hooks: list[tuple[torch.nn.Module, Any]] = []  # pre-hooks of other parts (encoder)
         # instance-level stand-ins for methods that are not module calls (encoder: see next_tiles)
         self._method_patches: list[tuple[torch.nn.Module, str, Any]] = []
@@ -116,7 +117,7 @@ class Runtime:
                            "offloaded weights) do not allow; the probe runs uncaptured.")
         return "fast" if supports_fast_probe(layer) else "full"
 
-    _PORTABLE = ("parts", "config", "stages", "selectors", "stage_of", "probes", "_hooks", "_extra_hooks",
+    _PORTABLE = ("parts", "config", "stages", "selectors", "stage_of", "probes", "_handles", "_extra_hooks",
                  "_method_patches")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -137,35 +138,25 @@ class Runtime:
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
         base, layers = self.parts.base, self.parts.layers
-        handles = [
-            (base, base.register_forward_pre_hook(self._call_start, with_kwargs=True)),
-            (base, base.register_forward_hook(self._call_end, with_kwargs=True, always_call=True)),
+        # A deepcopy or pickle of the model carries these handles along with the modules' hook
+        # dictionaries (one memo), so the copy's handles point at the copy's dictionaries.
+        self._handles = [
+            base.register_forward_pre_hook(self._call_start, with_kwargs=True),
+            base.register_forward_hook(self._call_end, with_kwargs=True, always_call=True),
         ]
         for i in sorted(self.stage_of):
             hook = partial(self._layer_start, i)
-            handles.append((layers[i], layers[i].register_forward_pre_hook(hook, with_kwargs=True)))
-        handles.append((layers[-1], layers[-1].register_forward_hook(self._last_layer_end, with_kwargs=True)))
+            self._handles.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+        self._handles.append(layers[-1].register_forward_hook(self._last_layer_end, with_kwargs=True))
         for module, hook in self._extra_hooks:
-            handles.append((module, module.register_forward_pre_hook(hook, with_kwargs=True)))
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         for module, name, stand_in in self._method_patches:
             module.__dict__[name] = stand_in  # shadows the class's method for this instance only
-        # Keep (module, id) rather than torch's handles: those hold weak references to the
-        # original modules' dicts, which a deepcopy or pickle of the model would not follow.
-        self._hooks = [(module, handle.id) for module, handle in handles]
-
-    _HOOK_DICTS = (
-        "_forward_pre_hooks",
-        "_forward_pre_hooks_with_kwargs",
-        "_forward_hooks",
-        "_forward_hooks_with_kwargs",
-        "_forward_hooks_always_called",
-    )
 
     def remove(self) -> None:
-        for module, hook_id in self._hooks:
-            for name in self._HOOK_DICTS:
-                getattr(module, name).pop(hook_id, None)
-        self._hooks.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
         for module, name, stand_in in self._method_patches:
             if module.__dict__.get(name) is stand_in:
                 del module.__dict__[name]
@@ -340,117 +331,115 @@ class Runtime:
         self, call: CallState, s: int, i: int, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any
     ) -> StageInputs:
         """Select this stage's tokens in a prefill and build its layers' inputs."""
-        b, length = hidden.shape[:2]
-        device = hidden.device
-        pos_ids = kwargs.get("position_ids")
-        pos_emb = kwargs.get("position_embeddings")
-        assert call.visual is not None
-        if s == 0:
-            all_valid = call.all_valid
-            mask = call.attention_mask
-            valid = self._all_true(device, b, length) if all_valid or mask is None else mask[:, -length:].bool()
-            visual, counts = call.visual, call.n_visual
-            full_index = None  # the identity: stage 0 works on the full sequence
-            layer_kwargs = kwargs
-            removed_before = [0] * b
+        source = self._first_source(call, hidden, kwargs) if s == 0 else self._later_source(call, s, kwargs, cache)
+        keep_counts = [tokens_to_keep(self.stages[s][1], n) for n in source.counts]
+        if keep_counts == source.counts:  # this stage keeps everything that is left
+            return self._pass_through(call, s, i, source, hidden, kwargs, cache)
+        keep_visual, replacement = self._select(s, i, source, hidden, keep_counts)
+        plan = plan_stage(source, keep_visual, keep_counts, self._all_true)
+        if self.config.positions == "keep":
+            new_ids = gather_position_ids(source.position_ids, plan.index) if source.position_ids is not None else None
+            new_emb = (tuple(gather_tokens(t, plan.index) for t in source.position_embeddings)
+                       if source.position_embeddings is not None else None)
         else:
+            new_ids = compact_position_ids(source, keep_visual, plan.index)
+            new_emb = self.parts.rotary(hidden, new_ids)
+        if s == 0:
+            call.base_hidden, call.pruned = hidden, True
+        removed = [r + c - k for r, c, k in zip(source.removed, source.counts, keep_counts)]
+        self._record_stage(call, cache, plan.full_index, removed)
+        b, n_new = plan.valid.shape
+        padding = None if plan.all_valid else plan.valid
+        return StageInputs(
+            start_layer=i,
+            valid=plan.valid,
+            attention_mask=causal_padding_mask(self.parts.text_config, padding, b, n_new, n_new, hidden.dtype,
+                                               hidden.device),
+            position_ids=new_ids,
+            position_embeddings=new_emb,  # type: ignore[arg-type]
+            gather_index=plan.index,
+            replacement=replacement,
+            full_index=plan.full_index,
+            counts=keep_counts,
+            all_valid=plan.all_valid,
+        )
+
+    def _first_source(self, call: CallState, hidden: torch.Tensor, kwargs: dict[str, Any]) -> StageSource:
+        """The first stage selects from the full sequence, as the layer receives it."""
+        assert call.visual is not None
+        b, length = hidden.shape[:2]
+        mask = call.attention_mask
+        if call.all_valid or mask is None:
+            valid = self._all_true(hidden.device, b, length)
+        else:
+            valid = mask[:, -length:].bool()
+        return StageSource(valid=valid, visual=call.visual, counts=call.n_visual, full_index=None,
+                           all_valid=call.all_valid, position_ids=kwargs.get("position_ids"),
+                           position_embeddings=kwargs.get("position_embeddings"), layer_kwargs=kwargs,
+                           removed=[0] * b)
+
+    def _later_source(self, call: CallState, s: int, kwargs: dict[str, Any], cache: Any) -> StageSource:
+        """A later stage selects among the survivors of the one before, in its shortened space."""
+        prev = call.stages[s - 1]
+        assert prev is not None and prev.full_index is not None and call.visual is not None
+        full_index = prev.full_index
+        pos_ids = prev.position_ids if prev.position_ids is not None else kwargs.get("position_ids")
+        pos_emb = prev.position_embeddings
+        if pos_emb is None:
+            pos_emb = kwargs.get("position_embeddings")
+        layer_kwargs = {**kwargs, "attention_mask": prev.attention_mask}
+        if pos_ids is not None:
+            layer_kwargs["position_ids"] = pos_ids
+        if pos_emb is not None:
+            layer_kwargs["position_embeddings"] = pos_emb
+        assert call.record is not None or cache is None
+        b = full_index.shape[0]
+        return StageSource(valid=prev.valid, visual=call.visual.gather(1, full_index.clamp(min=0)) & (full_index >= 0),
+                           counts=prev.counts or [], full_index=full_index, all_valid=prev.all_valid,
+                           position_ids=pos_ids, position_embeddings=pos_emb, layer_kwargs=layer_kwargs,
+                           removed=call.record.stages[-1].removed if call.record is not None else [0] * b)
+
+    def _pass_through(self, call: CallState, s: int, i: int, source: StageSource, hidden: torch.Tensor,
+                      kwargs: dict[str, Any], cache: Any) -> StageInputs:
+        """A stage whose budget keeps every token left: its layers get what the stage before gave."""
+        if s > 0:
             prev = call.stages[s - 1]
             assert prev is not None and prev.full_index is not None
-            valid, counts, full_index, all_valid = prev.valid, prev.counts or [], prev.full_index, prev.all_valid
-            visual = call.visual.gather(1, full_index.clamp(min=0)) & (full_index >= 0)
-            pos_ids = prev.position_ids if prev.position_ids is not None else pos_ids
-            pos_emb = prev.position_embeddings if prev.position_embeddings is not None else pos_emb
-            layer_kwargs = {**kwargs, "attention_mask": prev.attention_mask}
-            if pos_ids is not None:
-                layer_kwargs["position_ids"] = pos_ids
-            if pos_emb is not None:
-                layer_kwargs["position_embeddings"] = pos_emb
-            assert call.record is not None or cache is None
-            removed_before = call.record.stages[-1].removed if call.record is not None else [0] * b
-        budget = self.stages[s][1]
-        keep_counts = [tokens_to_keep(budget, n) for n in counts]
+            self._record_stage(call, cache, prev.full_index, source.removed)
+            return prev
+        b, length = hidden.shape[:2]
+        call.base_hidden, call.pruned = hidden, True
+        identity = torch.arange(length, device=hidden.device).expand(b, length)
+        self._record_stage(call, cache, identity, source.removed)
+        return StageInputs(start_layer=i, valid=source.valid, attention_mask=kwargs.get("attention_mask"),
+                           position_ids=None, position_embeddings=None, full_index=identity, counts=source.counts,
+                           all_valid=source.all_valid)
 
-        if keep_counts == counts:  # this stage keeps everything that is left: a pass-through
-            if s > 0:
-                prev_inputs = call.stages[s - 1]
-                assert prev_inputs is not None and prev_inputs.full_index is not None
-                self._record_stage(call, cache, prev_inputs.full_index, removed_before)
-                return prev_inputs
-            call.base_hidden, call.pruned = hidden, True
-            identity = torch.arange(length, device=device).expand(b, length)
-            self._record_stage(call, cache, identity, removed_before)
-            return StageInputs(start_layer=i, valid=valid, attention_mask=kwargs.get("attention_mask"),
-                               position_ids=None, position_embeddings=None, full_index=identity, counts=counts,
-                               all_valid=all_valid)
-
-        cfg = self.config
-        query_positions, query_positions_host = self._proxy_positions(valid, all_valid)
+    def _select(self, s: int, i: int, source: StageSource, hidden: torch.Tensor, keep_counts: list[int]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run stage ``s``'s selector: the (B, S) kept-visual mask, and replacement hidden states
+        when the selector returns some (merging selectors)."""
+        query_positions, query_positions_host = self._proxy_positions(source.valid, source.all_valid)
         request = SelectionRequest(
             probe_inputs=ProbeInputs(
                 hidden=hidden,
-                valid=valid,
+                valid=source.valid,
                 query_positions=query_positions,
-                layer_kwargs=layer_kwargs,
-                position_embeddings=pos_emb,
+                layer_kwargs=source.layer_kwargs,
+                position_embeddings=source.position_embeddings,
                 query_positions_host=query_positions_host,
-                all_valid=all_valid,
+                all_valid=source.all_valid,
             ),
             probe_modules=ProbeModules(self.parts.layers[i], self.parts.norm, self.parts.head),
-            candidates=visual,
-            budgets=torch.tensor(keep_counts, device=device),
-            config=cfg,
-            probe=self.probes[s] if pos_emb is not None else "full",
-            candidate_counts=list(counts),
+            candidates=source.visual,
+            budgets=torch.tensor(keep_counts, device=hidden.device),
+            config=self.config,
+            probe=self.probes[s] if source.position_embeddings is not None else "full",
+            candidate_counts=list(source.counts),
             budget_counts=keep_counts,
         )
         chosen = self.selectors[s](request)
-        # a selector may also return replacement hidden states (e.g. pooling carries means)
-        keep_visual, replacement = chosen if isinstance(chosen, tuple) else (chosen, None)
-        new_counts = [length - c + k for c, k in zip(counts, keep_counts)]
-        dropped = visual & ~keep_visual
-        no_filler = min(new_counts) == max(new_counts)
-        if no_filler:  # every row keeps as many tokens: the kept positions, in order
-            index = torch.sort(dropped, dim=1, stable=True).indices[:, : new_counts[0]]
-            valid_new = self._all_true(device, b, new_counts[0]) if all_valid else valid.gather(1, index)
-            full_new = index if full_index is None else full_index.gather(1, index)
-        else:
-            index, slot_valid = keep_index(~dropped, new_counts)
-            valid_new = valid.gather(1, index) & slot_valid
-            source = index if full_index is None else full_index.gather(1, index)
-            full_new = source.masked_fill(~slot_valid, -1)
-        all_valid_new = all_valid and no_filler
-
-        new_ids, new_emb = None, None
-        if cfg.positions == "keep":
-            new_ids = gather_position_ids(pos_ids, index) if pos_ids is not None else None
-            new_emb = tuple(gather_tokens(t, index) for t in pos_emb) if pos_emb is not None else None
-        else:
-            if pos_ids is None:
-                raise ValueError("positions='compact' needs position_ids in the decoder layers' inputs")
-            before = dropped.long().cumsum(1)  # dropped tokens up to each position
-            src = pos_ids.expand(*pos_ids.shape[:-2], b, length) - before
-            new_ids = gather_position_ids(src, index)
-            new_emb = self.parts.rotary(hidden, new_ids)
-
-        if s == 0:
-            call.base_hidden = hidden
-            call.pruned = True
-        removed = [r + c - k for r, c, k in zip(removed_before, counts, keep_counts)]
-        self._record_stage(call, cache, full_new, removed)
-        padding = None if all_valid_new else valid_new
-        n_new = valid_new.shape[1]
-        return StageInputs(
-            start_layer=i,
-            valid=valid_new,
-            attention_mask=causal_padding_mask(self.parts.text_config, padding, b, n_new, n_new, hidden.dtype, device),
-            position_ids=new_ids,
-            position_embeddings=new_emb,  # type: ignore[arg-type]
-            gather_index=index,
-            replacement=replacement,
-            full_index=full_new,
-            counts=keep_counts,
-            all_valid=all_valid_new,
-        )
+        return chosen if isinstance(chosen, tuple) else (chosen, None)
 
     def _all_true(self, device: torch.device, b: int, length: int) -> torch.Tensor:
         """A (B, length) all-True mask as a view of one cached element (no kernel per call)."""
