@@ -114,3 +114,20 @@ def test_counter_counts_host_reads_and_leaves_views_out():
     assert c.kernels == 3  # mul, sum, and the scalar read
     assert c.syncs == 2  # tolist and the scalar read
     assert torch.Tensor.tolist(y) == [6.0, 24.0]  # the patched method is restored
+
+
+def test_op_stats_measures_the_peak_of_what_is_allocated_inside():
+    x = torch.zeros(1000, 250)  # 1 MB, made before: not counted, nor are views of it
+    with torch.no_grad(), OpStats() as stats:
+        y = x.view(250, 1000).t()
+        a = x + 1  # 1 MB
+        with stats.window():
+            b = a * 2  # +1 MB
+            del b
+            c = a.sum()  # a few bytes
+        del a
+        d = x * 3  # 1 MB, after a was freed
+    assert stats.peak_bytes == 2 * 1_000_000
+    assert stats.window_peak_bytes == 1_000_000
+    assert stats.live_bytes == 1_000_000 + c.untyped_storage().nbytes()
+    del y, d

@@ -77,14 +77,14 @@ class OpStats(TorchDispatchMode):
         if not any(v in name for v in VIEW_OPS):
             self.kernels += 1
             self.by_op[name] = self.by_op.get(name, 0) + 1
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):  # views allocate nothing (they may alias older tensors)
+                    self._track(t)
         if name in SYNC_OPS:
             self.syncs += 1
         rule = self._flop_rules.get(func._overloadpacket)
         if rule is not None:
             self.flops += int(rule(*args, **kwargs, out_val=out))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
         return out
 
     def _track(self, t: torch.Tensor) -> None:

@@ -77,10 +77,13 @@ def _rms_forward(norm: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _rms_backward(norm: Any, grad: torch.Tensor, xr: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """d(input) of :func:`_rms_forward` for d(output) ``grad`` (in fp32, as autograd does)."""
-    gw = (grad * norm.weight).to(torch.float32)
-    mean = (gw * xr).mean(-1, keepdim=True)
-    return (torch.addcmul(gw, xr, mean, value=-1.0) * r).to(grad.dtype)
+    """d(input) of :func:`_rms_forward` for d(output) ``grad`` (in fp32, as autograd does).
+    Works in ``grad``'s memory (the probe's own buffer, not needed afterwards)."""
+    dtype = grad.dtype
+    gw = grad.mul_(norm.weight).to(torch.float32)
+    # mean over D of gw * xr as a batched dot product: no (..., D) temporary
+    mean = (gw.unsqueeze(-2) @ xr.unsqueeze(-1)).squeeze(-1).div_(xr.shape[-1])
+    return gw.addcmul_(xr, mean, value=-1.0).mul_(r).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -164,6 +167,7 @@ def saliency_core(layer: Any, norm: Any, head: Any, x: torch.Tensor, qpos: torch
     logits = torch.add(bias.view(b, 1, 1, k_count, s), scores, alpha=scale)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype).view(b, n_q * k_count, s)
     mixed = probs @ xn  # (B, H*K, D): attention-weighted inputs, rows (n, g, k)
+    del xn  # (B, S, D): the probe's memory peak is a few tensors of this size; xr1 stands in below
 
     # ---- forward, K tokens: values, output projection, MLP, norm, head
     w_v = attn.v_proj.weight.view(n_kv, hd, dim)
@@ -199,7 +203,8 @@ def saliency_core(layer: Any, norm: Any, head: Any, x: torch.Tensor, qpos: torch
     u = (grad_out_by_group @ w_v).view(n_kv, b, groups * k_count, dim).transpose(0, 1).reshape(b, -1, dim)
 
     # ---- backward, attention: softmax, scores, rotary, projections; S tokens
-    grad_probs = u @ xn.transpose(1, 2)  # (B, H*K, S)
+    # u . xn_j with xn = w * xr1 (the input norm's output, freed above)
+    grad_probs = ((u * layer.input_layernorm.weight).float() @ xr1.transpose(1, 2)).to(u.dtype)  # (B, H*K, S)
     centre = (u * mixed).sum(-1, keepdim=True)  # sum_j p_j dL/dp_j per row
     grad_scores = probs * (grad_probs - centre)  # d(loss)/d(q.k), without the scale
     grad_scores = grad_scores.view(b, n_kv, groups * k_count, s)
@@ -207,8 +212,10 @@ def saliency_core(layer: Any, norm: Any, head: Any, x: torch.Tensor, qpos: torch
     grad_k = _rope_backward(grad_k, cos.unsqueeze(1), sin.unsqueeze(1)).transpose(1, 2).reshape(b * s, -1)
     grad_q = (grad_scores @ k.transpose(1, 2)).view(b, n_kv, groups, k_count, hd).permute(0, 3, 1, 2, 4)
     grad_q = _rope_backward(grad_q.reshape(b, k_count, n_q, hd), cos_q.unsqueeze(2), sin_q.unsqueeze(2))
-    grad_xn = torch.addmm(xn.view(b * s, dim), grad_k, attn.k_proj.weight, beta=0, alpha=scale).view(b, s, dim)
-    grad_xn = torch.baddbmm(grad_xn, probs.transpose(1, 2), u)  # the value path
+    del grad_scores, grad_probs
+    # beta=0: the first argument only gives the output's shape (x's values are not read)
+    grad_xn = torch.addmm(x.reshape(b * s, dim), grad_k, attn.k_proj.weight, beta=0, alpha=scale).view(b, s, dim)
+    grad_xn.baddbmm_(probs.transpose(1, 2), u)  # the value path
     grad_xq = torch.addmm(h.view(b * k_count, dim), grad_q.reshape(b * k_count, -1), attn.q_proj.weight,
                           beta=0, alpha=scale)
     index = qpos.unsqueeze(-1).expand(b, k_count, dim)
