@@ -95,3 +95,39 @@ def test_config_module_imports_nothing_from_the_package():
     source = Path(pio_fvlm.config.__file__).read_text()
     relative = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom) and n.level > 0]
     assert relative == []
+
+
+def test_every_cli_option_has_help(monkeypatch):
+    import argparse
+
+    from pio_fvlm import cli
+
+    parsers = []
+
+    def record(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", record)
+    for command in cli.COMMANDS:
+        with pytest.raises(SystemExit):
+            cli.main([command])
+    assert len(parsers) == len(cli.COMMANDS)
+    for parser in parsers:
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{parser.prog} {action.option_strings[0]} has no help text"
+
+
+def test_hidden_states_and_attentions_of_pruned_layers_are_shorter():
+    """Documented next to the settings: pruned layers report their shortened sequence."""
+    model = tiny_vlm("llava", seed=12, attn_implementation="eager")
+    inputs = standard_batch(model)
+    length = inputs["input_ids"].shape[1]
+    short = length - min((inputs["input_ids"] == 3).sum(1).tolist()) + 4
+    pio_fvlm.wrap(model, budget=4)
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+    assert [h.shape[1] for h in out.hidden_states] == [length, length, short, short, length]
+    assert [a.shape[-1] for a in out.attentions] == [length, short, short, short]
+    assert out.logits.shape[1] == length

@@ -43,10 +43,10 @@ def demo(argv: list[str]) -> int:
     from .viz import draw_kept, kept_grids, side_by_side
 
     p = argparse.ArgumentParser(prog="pio-fvlm demo", description=demo.__doc__)
-    p.add_argument("--budget", type=int, default=64)
-    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--budget", type=int, default=64, help="visual tokens kept of the toy's 576 (default 64)")
+    p.add_argument("--seed", type=int, default=3, help="seed of the scene drawn for the picture and questions")
     p.add_argument("--eval", type=int, default=100, help="held-out questions to score (0: skip)")
-    p.add_argument("--out", default="pio_fvlm_demo.png")
+    p.add_argument("--out", default="pio_fvlm_demo.png", help="where to write the kept-token picture")
     args = p.parse_args(argv)
     if not (sv.ASSET_DIR / "model.safetensors").exists():
         print(f"no shipped model at {sv.ASSET_DIR}; train it with examples/train_tiny_vlm.py")
@@ -110,15 +110,16 @@ def run(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="pio-fvlm run", description=run.__doc__)
     p.add_argument("--model", required=True, help="HF id or local folder of a supported VLM")
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", required=True, help="path of the image file")
     p.add_argument("--prompt", required=True, help="the question; the chat template is applied when the "
                    "processor has one")
     p.add_argument("--budget", type=float, default=64, help="int: tokens kept; < 1: fraction")
-    p.add_argument("--layer", type=int, default=1)
-    p.add_argument("--attn", default="sdpa")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--layer", type=int, default=1, help="the decoder layer from which on tokens are pruned")
+    p.add_argument("--attn", default="sdpa", help="attention implementation (eager, sdpa, flash_attention_2)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype (auto: the checkpoint's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to run")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     args = p.parse_args(argv)
     budget: float | int = int(args.budget) if args.budget >= 1 else args.budget
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -174,7 +175,7 @@ def lmms_task(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="pio-fvlm lmms-task", description=lmms_task.__doc__)
     p.add_argument("--out", required=True, help="folder to write the task into")
-    p.add_argument("--items", type=int, default=200)
+    p.add_argument("--items", type=int, default=200, help="questions in the task")
     args = p.parse_args(argv)
     folder = write_shapes_task(args.out, items=args.items)
     print(f"wrote the pio_shapes task ({args.items} questions) to {folder}; run it with\n"
