@@ -131,3 +131,15 @@ def test_op_stats_measures_the_peak_of_what_is_allocated_inside():
     assert stats.window_peak_bytes == 1_000_000
     assert stats.live_bytes == 1_000_000 + c.untyped_storage().nbytes()
     del y, d
+
+
+def test_pre_hook_seconds_reports_every_hooked_layer(llava_32_layers):
+    from pio_fvlm.measure import pre_hook_seconds
+
+    model = pio_fvlm.wrap(copy.deepcopy(llava_32_layers), budget=64)
+    layers = model.model.language_model.layers
+    with torch.no_grad():
+        spent = pre_hook_seconds(layers, lambda: model(**_inputs(1)))
+    assert sorted(spent) == list(range(len(layers)))
+    assert all(s >= 0 for s in spent.values())
+    assert all(len(layer._forward_pre_hooks) == 1 for layer in layers[1:])  # its own hooks are gone

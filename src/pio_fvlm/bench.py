@@ -48,7 +48,7 @@ from .bench_models import (
     visual_token_id,
 )
 from .config import PruneConfig
-from .measure import OpStats, TimedSelector, kv_cache_bytes, synchronize, timed
+from .measure import OpStats, TimedSelector, kv_cache_bytes, pre_hook_seconds, synchronize, timed
 from .models import adapter_for
 from .runtime import Runtime
 from .select import PioSelector
@@ -78,6 +78,7 @@ class Mode:
     host_syncs: int = 0
     transient_peak_bytes: int = 0
     selection_peak_bytes: int | None = None
+    hook_us_later_layers: float | None = None
     peak_bytes: int | None = None
 
 
@@ -145,6 +146,18 @@ class Bench:
         mode.flops, mode.kernel_ops, mode.host_syncs = stats.flops, stats.kernels, stats.syncs
         mode.transient_peak_bytes = stats.peak_bytes
         mode.selection_peak_bytes = stats.window_peak_bytes if self.timer_now is not None else None
+        if mode.kind in ("full", "pio"):
+            # host time in the pre-hooks of layers 2.. (pruned layers after the one that selects);
+            # on `full` it is the measurement's own floor (no pio_fvlm hook there). Best of 3.
+            layers = adapter_for(self.model).find_parts(self.model).layers
+            medians = []
+            with torch.inference_mode():
+                for _ in range(3):
+                    spent = pre_hook_seconds(layers, lambda: self.prefill(mode))
+                    later = [spent[i] for i in range(2, len(layers)) if i in spent]
+                    if later:
+                        medians.append(statistics.median(later))
+            mode.hook_us_later_layers = min(medians) * 1e6 if medians else None
         with torch.inference_mode():
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -249,6 +262,7 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
             "host_syncs": m.host_syncs,
             "transient_peak_mb": m.transient_peak_bytes / 2**20,
             "selection_peak_mb": m.selection_peak_bytes / 2**20 if m.selection_peak_bytes is not None else None,
+            "hook_us_later_layers": m.hook_us_later_layers,
             "peak_mb": m.peak_bytes / 2**20 if m.peak_bytes else None,
         })
     by = {r["mode"]: r for r in rows}
@@ -276,6 +290,8 @@ def summarize(modes: list[Mode], args: argparse.Namespace, model: nn.Module, n_v
         if f"{kind}-{b}" in by:
             checks[f"{kind}{b}_extra_kernel_ops"] = by[f"{kind}-{b}"]["kernel_ops"] - full.kernel_ops
             checks[f"{kind}{b}_extra_host_syncs"] = by[f"{kind}-{b}"]["host_syncs"] - full.host_syncs
+    hook_us, floor_us = by[f"pio-{b}"]["hook_us_later_layers"], by["full"]["hook_us_later_layers"]
+    checks[f"pio{b}_hook_us_per_later_layer"] = hook_us - floor_us if hook_us is not None else None
     checks["noop_extra_kernel_ops"] = by[f"pio-{n_visual}"]["kernel_ops"] - full.kernel_ops
     checks["noop_prefill_ratio"] = by[f"pio-{n_visual}"]["prefill_ms"] / (fp * 1e3)
     checks["noop_prefill_ratio_paired"] = paired_ratio(f"pio-{n_visual}", "full")

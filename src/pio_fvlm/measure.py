@@ -141,6 +141,30 @@ def count_launches(fn: Callable[[], Any]) -> tuple[int, int]:
     return stats.kernels, stats.syncs
 
 
+def pre_hook_seconds(layers: Any, fn: Callable[[], Any]) -> dict[int, float]:
+    """Seconds spent, per module of ``layers``, in the forward pre-hooks already registered on it
+    (pio_fvlm's), during one call of ``fn``: host time that a launch-bound GPU pays as well."""
+    started: dict[int, float] = {}
+    spent: dict[int, float] = {}
+
+    def start(i: int) -> Callable[..., None]:
+        return lambda *_: started.__setitem__(i, time.perf_counter()) or None
+
+    def stop(i: int) -> Callable[..., None]:
+        return lambda *_: spent.__setitem__(i, spent.get(i, 0.0) + time.perf_counter() - started[i]) or None
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(start(i), prepend=True))
+        handles.append(layer.register_forward_pre_hook(stop(i)))
+    try:
+        fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return spent
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     """Seconds for one synchronised call of ``fn``, and its result."""
     synchronize()
