@@ -148,10 +148,16 @@ def pre_hook_seconds(layers: Any, fn: Callable[[], Any]) -> dict[int, float]:
     spent: dict[int, float] = {}
 
     def start(i: int) -> Callable[..., None]:
-        return lambda *_: started.__setitem__(i, time.perf_counter()) or None
+        def hook(*_: Any) -> None:
+            started[i] = time.perf_counter()
+
+        return hook
 
     def stop(i: int) -> Callable[..., None]:
-        return lambda *_: spent.__setitem__(i, spent.get(i, 0.0) + time.perf_counter() - started[i]) or None
+        def hook(*_: Any) -> None:
+            spent[i] = spent.get(i, 0.0) + time.perf_counter() - started[i]
+
+        return hook
 
     handles = []
     for i, layer in enumerate(layers):
