@@ -55,12 +55,7 @@ from .select import PioSelector
 from .select.baselines import UniformSelector
 from .select.naive import NaiveSelector
 
-__all__ = ["Bench", "main", "miniature_inputs", "miniature_llava", "random_llava15_7b", "run"]
-
-
-def miniature_inputs(model: nn.Module, batch: int, text_tokens: int = 50) -> dict[str, torch.Tensor]:
-    """Inputs for a LLaVA-1.5 model: ``batch`` rows of 5 text tokens, one image, the rest text."""
-    return shape_inputs(model, SHAPES["miniature"], batch, text_tokens)
+__all__ = ["Bench", "main", "miniature_llava", "random_llava15_7b", "run"]
 
 
 @dataclass

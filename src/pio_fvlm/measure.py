@@ -127,13 +127,6 @@ class OpStats(TorchDispatchMode):
         super().__exit__(*exc)
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    """Floating-point operations of one call of ``fn`` (see :class:`OpStats`)."""
-    with OpStats() as stats:
-        fn()
-    return stats.flops
-
-
 def count_launches(fn: Callable[[], Any]) -> tuple[int, int]:
     """(kernel-launching ops, host reads) of one call of ``fn`` (see :class:`OpStats`)."""
     with OpStats() as stats:
