@@ -19,3 +19,28 @@ def test_shipped_model_reads_the_image_and_pruning_keeps_its_answers():
     assert full >= 0.80, f"all-token accuracy {full:.0%} on 100 test questions: the checkpoint is broken"
     assert blank <= 0.45, f"blank-image accuracy {blank:.0%}: the model answers without looking"
     assert pruned >= full - 0.03, f"64 tokens kept: {pruned:.0%} against {full:.0%} with all 576"
+
+
+def test_chat_template_gives_the_trained_prompt_and_generation_ends_after_the_answer():
+    import random
+
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from pio_fvlm import synthetic as syn
+
+    processor = AutoProcessor.from_pretrained(sv.ASSET_DIR)
+    model = LlavaForConditionalGeneration.from_pretrained(sv.ASSET_DIR).eval()
+    rng = random.Random(7)
+    objects = syn.random_scene(rng, 2)
+    image = Image.fromarray(syn.render(objects, rng))
+    for qa in syn.questions(objects, rng):
+        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa.question}]}]
+        text = processor.apply_chat_template(chat, add_generation_prompt=True)
+        inputs = processor(images=image, text=text, return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == sv.prompt_rows([qa])[0]
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+        answer = out[0, inputs["input_ids"].shape[1]:].tolist()
+        assert len(answer) == 1 and syn.VOCAB[answer[0]] in syn.ANSWER_WORDS  # one word, then generation ends

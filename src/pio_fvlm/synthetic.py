@@ -27,6 +27,8 @@ SHAPES = ("circle", "square", "triangle")
 COUNTS = ("one", "two", "three", "four")
 COLUMNS = ("left", "middle", "right")
 QUESTION_TYPES = ("color", "shape", "presence", "count", "position")
+# every answer is one of these words (and the demo model's generation ends after any of them)
+ANSWER_WORDS = (*COLORS, *SHAPES, *COUNTS, *COLUMNS, "yes", "no")
 
 SPECIAL = ["<pad>", "<image>", "<unk>"]
 WORDS = sorted(
