@@ -161,3 +161,16 @@ def test_bad_settings_are_refused_at_startup_with_wraps_message():
     both = subprocess.run([sys.executable, "-m", "pio_fvlm.cli", "serve", "--no-pruning", "--budget", "8"],
                           capture_output=True, text=True, timeout=60)
     assert both.returncode == 2 and "--no-pruning serves the model unpruned" in both.stderr
+
+
+def test_load_benchmark_measures_a_running_server(server):
+    from conftest import load_script
+
+    bench = load_script("benchmarks/serve_load.py")
+    bodies = bench.request_bodies("pio-fvlm-demo", 4, max_tokens=2)
+    row = bench.measure_load(server.url, bodies, clients=2, requests=2)
+    assert row["requests"] == row["ok"] == 4
+    assert row["visual_tokens"] == [{"seen": 576, "kept": BUDGET}]
+    assert 0 < row["p50_ms"] <= row["p95_ms"] and row["requests_per_s"] > 0
+    rows = [{"server": s, **row} for s in ("pruned", "unpruned")]
+    assert bench.table(rows).splitlines()[2].startswith("| 2 | ")
