@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pio_fvlm.select import SelectionRequest, select_with_nms
-from pio_fvlm.testing import FAMILIES, Prompt, layer_lengths, make_batch, tiny_llava, tiny_vlm  # noqa: F401
+from pio_fvlm.testing import FAMILIES, VIDEO_FAMILIES, Prompt, layer_lengths, make_batch, tiny_llava, tiny_vlm  # noqa: F401
 
 torch.set_num_threads(2)
 
@@ -61,12 +61,12 @@ def llava_eager():
 
 def standard_prompts(model) -> list[Prompt]:
     """Two prompts of different text lengths (and, where the family allows, different visual
-    counts); Qwen families get a third, video-only prompt."""
+    counts); families with videos get a third, video-only prompt."""
     prompts = [
         Prompt(before=[5, 6], after=[9, 10, 11, 12, 13], size=0),
         Prompt(before=[5, 6, 20, 21, 22], after=[9, 10, 14], size=1 if model.config.model_type != "llava" else 0),
     ]
-    if model.config.model_type.startswith("qwen"):
+    if model.config.model_type in VIDEO_FAMILIES:
         prompts.append(Prompt(before=[5, 30], after=[9, 10, 11], images=0, videos=1))
     return prompts
 

@@ -127,7 +127,8 @@ def test_compact_positions_refused_for_mrope(family):
 
 
 def test_supported_model_types():
-    assert pio_fvlm.supported_model_types() == ["llava", "llava_next", "qwen2_5_vl", "qwen2_vl"]
+    assert pio_fvlm.supported_model_types() == [
+        "internvl", "llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl"]
 
 
 def test_budget_above_visual_count_warns_once(llava_sdpa, caplog):

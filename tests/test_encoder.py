@@ -64,3 +64,15 @@ def test_encoder_mode_errors(model):
         pio_fvlm.wrap(model, budget=4, encoder="zip", encoder_budget=8)
     with pytest.raises(ValueError, match="encoder must be one of"):
         pio_fvlm.wrap(model, budget=4, encoder_budget=8)
+
+
+@pytest.mark.parametrize("family, why", [("llava_onevision", "SigLIP tower has no \\[CLS\\]"),
+                                         ("internvl", "pixel shuffle")])
+def test_encoder_mode_is_refused_with_the_reason_where_no_score_exists(family, why):
+    from pio_fvlm.testing import tiny_vlm
+
+    model = tiny_vlm(family)
+    with pytest.raises(ValueError, match=why) as refused:
+        pio_fvlm.wrap(model, budget=4, encoder="visionzip", encoder_budget=8)
+    assert "Use encoder=None" in str(refused.value)
+    assert not pio_fvlm.is_wrapped(model)

@@ -6,7 +6,7 @@ import torch
 import pio_fvlm
 from conftest import FixedSelector, assert_batch_equals_alone, layer_lengths, n_visual, standard_batch, standard_prompts
 from pio_fvlm.schedules import average_budget, preset, schedule_for
-from pio_fvlm.testing import make_batch, tiny_vlm
+from pio_fvlm.testing import FAMILIES, make_batch, tiny_vlm
 
 
 def test_average_budget_matches_the_papers_labels():
@@ -67,7 +67,7 @@ def test_schedule_excludes_budget_and_layer():
         pio_fvlm.wrap(model, preset="paper-64")  # layers 10, 15 do not exist in a 4-layer model
 
 
-@pytest.fixture(params=["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(params=FAMILIES)
 def deep_model(request):
     return tiny_vlm(request.param, num_layers=6, seed=7)
 

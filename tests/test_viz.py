@@ -17,9 +17,11 @@ def _images_for(model, prompt: Prompt) -> list[Image.Image]:
     if kind == "llava":
         side = model.config.vision_config.image_size
         size = (side + 10, side)  # not square: the centre crop is what gets drawn
-    elif kind == "llava_next":
+    elif kind in ("llava_next", "llava_onevision"):
         h, w = NEXT_IMAGE_SIZES[prompt.size]
         size = (w, h)
+    elif kind == "internvl":
+        size = (90, 40)  # wide: two tiles side by side
     else:
         _, h, w = QWEN_IMAGE_GRIDS[prompt.size]
         size = (w * 14, h * 14)
@@ -84,3 +86,18 @@ def test_qwen_tokens_follow_the_merged_grid_row_major():
     (view,) = token_views(model, batch, _images_for(model, prompts[0]))
     assert view.boxes.tolist() == [[0, 0, 28, 28], [28, 0, 56, 28], [56, 0, 84, 28],
                                    [0, 28, 28, 56], [28, 28, 56, 56], [56, 28, 84, 56]]
+
+
+def test_internvl_tiles_cover_the_image_in_the_processors_layout():
+    from pio_fvlm.viz import tile_layout
+
+    assert tile_layout(2, 90, 40) == (1, 2) and tile_layout(2, 40, 90) == (2, 1)
+    assert tile_layout(6, 1200, 400) == (1, 6) and tile_layout(6, 600, 400) == (2, 3)
+    model = tiny_vlm("internvl")
+    batch = make_batch(model, [Prompt([11], [13, 14], size=2)])  # 3 tiles: 2 + the thumbnail
+    views = token_views(model, batch, [Image.new("RGB", (90, 40))])
+    assert [v.name for v in views] == ["1 x 2 tiles", "thumbnail"]
+    tiles = views[0].boxes.reshape(2, 4, 4)  # per tile its 2 x 2 tokens
+    assert np.allclose(tiles[0, :, 0].min(), 0) and np.allclose(tiles[0, :, 2].max(), 45)
+    assert np.allclose(tiles[1, :, 0].min(), 45) and np.allclose(tiles[1, :, 2].max(), 90)
+    assert np.allclose(views[1].boxes[-1], [45, 20, 90, 40])  # the thumbnail's last token: bottom right

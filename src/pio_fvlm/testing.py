@@ -15,18 +15,23 @@ import torch
 from torch import nn
 from transformers import (
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl")
+VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")  # families whose prompts may hold videos
 IMAGE_TOKEN_ID = 3
 VIDEO_TOKEN_ID = 4
 VISION_START_ID = 1
@@ -37,6 +42,8 @@ PAD_TOKEN_ID = 0
 NEXT_IMAGE_SIZES = ((28, 28), (30, 60), (60, 60))  # (height, width) -> 1, 3 or 5 views
 QWEN_IMAGE_GRIDS = ((1, 4, 4), (1, 4, 6), (1, 6, 6))  # (t, h, w) patches -> 4, 6, 9 tokens
 QWEN_VIDEO_GRID = (2, 4, 4)  # 8 tokens
+ONEVISION_VIDEO_FRAMES = 4  # pooled to one token each, then one newline: 5 tokens
+INTERNVL_TILES = (1, 2, 3)  # tiles per image by Prompt.size (4 tokens each after pixel shuffle)
 
 
 # llava-hf/llava-1.5-7b-hf's config.json values: CLIP-L/336 tower and Vicuna-7B language model.
@@ -197,6 +204,25 @@ def tiny_vlm(
         config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
                             video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=VISION_START_ID,
                             vision_end_token_id=VISION_END_ID)
+    elif family == "llava_onevision":
+        from transformers import Qwen2Config, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14)
+        config = LlavaOnevisionConfig(
+            vision_config=vision, text_config=Qwen2Config(**text), image_token_id=IMAGE_TOKEN_ID,
+            video_token_id=VIDEO_TOKEN_ID, image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+            vision_feature_layer=-1, vision_feature_select_strategy="full",
+        )
+        cls = LlavaOnevisionForConditionalGeneration
+    elif family == "internvl":
+        from transformers import InternVLVisionConfig, Qwen2Config
+
+        vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=[56, 56], patch_size=[14, 14])
+        config = InternVLConfig(vision_config=vision, text_config=Qwen2Config(**text), image_token_id=IMAGE_TOKEN_ID,
+                                image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1)
+        cls = InternVLForConditionalGeneration
     else:
         raise ValueError(f"unknown family {family!r}; use one of {FAMILIES}")
     config._attn_implementation = attn_implementation
@@ -237,6 +263,40 @@ def _llava_next_counts(model: nn.Module, sizes: list[tuple[int, int]]) -> list[i
     return [int(f.shape[0]) for f in feats]
 
 
+def _onevision_pixels(model: nn.Module, prompts: list[Prompt], g: torch.Generator,
+                      out: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
+    """LLaVA-OneVision pixels into ``out``; tokens per image and per video, from the model itself.
+    A prompt with one image gets anyres views (``Prompt.size``), one with several gets base views
+    only (as the processor does: ``batch_num_images``)."""
+    cfg = model.config
+    side = cfg.vision_config.image_size
+    sizes = [NEXT_IMAGE_SIZES[p.size] for p in prompts for _ in range(p.images)]
+    per_prompt = [p.images for p in prompts if p.images]
+    counts: list[int] = []
+    if sizes:
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        anyres = [n == 1 for n in per_prompt for _ in range(n)]
+        views = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, side) if a else 1
+                 for s, a in zip(sizes, anyres)]
+        out["pixel_values"] = torch.randn(len(sizes), max(views), 3, side, side, generator=g)
+        out["image_sizes"] = torch.tensor(sizes)
+        out["batch_num_images"] = torch.tensor(per_prompt)
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values=out["pixel_values"].to(model.dtype),
+                                                   image_sizes=out["image_sizes"],
+                                                   batch_num_images=out["batch_num_images"]).pooler_output
+        counts = [int(f.shape[0]) for f in feats]
+    n_videos = sum(p.videos for p in prompts)
+    if not n_videos:
+        return counts, []
+    frames = torch.randn(n_videos, ONEVISION_VIDEO_FRAMES, 3, side, side, generator=g)
+    out["pixel_values_videos"] = frames
+    with torch.no_grad():
+        per_video = model.model.get_video_features(pixel_values_videos=frames[:1].to(model.dtype)).pooler_output
+    return counts, [int(per_video.shape[1])] * n_videos
+
+
 def make_batch(
     model: nn.Module,
     prompts: list[Prompt],
@@ -258,6 +318,7 @@ def make_batch(
         row.extend(ids)
         kind.extend([k] * len(ids))
 
+    video_counts: list[int] = []
     if family == "llava":
         n_img = visual_tokens_per_image(model)
         side = model.config.vision_config.image_size
@@ -273,6 +334,14 @@ def make_batch(
         side = cfg.vision_config.image_size
         out["pixel_values"] = torch.randn(len(sizes), max(views), 3, side, side, generator=g)
         out["image_sizes"] = torch.tensor(sizes)
+    elif family == "llava_onevision":
+        counts, video_counts = _onevision_pixels(model, prompts, g, out)
+    elif family == "internvl":
+        tiles = [INTERNVL_TILES[p.size] for p in prompts for _ in range(p.images)]
+        side = model.config.vision_config.image_size[0]
+        counts = [t * model.config.image_seq_length for t in tiles]
+        if tiles:
+            out["pixel_values"] = torch.randn(sum(tiles), 3, side, side, generator=g)
     else:
         grids = [QWEN_IMAGE_GRIDS[p.size] for p in prompts for _ in range(p.images)]
         merge = model.config.vision_config.spatial_merge_size ** 2
@@ -286,7 +355,7 @@ def make_batch(
             t, h, w = QWEN_VIDEO_GRID
             out["pixel_values_videos"] = torch.randn(n_videos * t * h * w, patch_dim, generator=g)
             out["video_grid_thw"] = torch.tensor([QWEN_VIDEO_GRID] * n_videos)
-    image_counts = iter(counts)
+    image_counts, videos = iter(counts), iter(video_counts)
     for p in prompts:
         row: list[int] = []
         kind: list[int] = []
@@ -295,13 +364,16 @@ def make_batch(
             if j:
                 add(list(p.between), row, kind, 0)
             n = next(image_counts)
-            if family.startswith("qwen"):
+            if family.startswith("qwen") or family == "internvl":  # <vision_start> / <img> ... end
                 add([VISION_START_ID], row, kind, 0)
                 add([IMAGE_TOKEN_ID] * n, row, kind, 1)
                 add([VISION_END_ID], row, kind, 0)
             else:
                 add([IMAGE_TOKEN_ID] * n, row, kind, 1)
         for _ in range(p.videos):
+            if family == "llava_onevision":
+                add([VIDEO_TOKEN_ID] * next(videos), row, kind, 2)
+                continue
             t, h, w = QWEN_VIDEO_GRID
             add([VISION_START_ID], row, kind, 0)
             add([VIDEO_TOKEN_ID] * (t * h * w // 4), row, kind, 2)
@@ -333,6 +405,20 @@ def split_batch(model: nn.Module, prompts: list[Prompt], batch: dict[str, torch.
     alone = make_batch(model, [prompts[i]], padding_side=padding_side)
     family = model.config.model_type
     before = prompts[:i]
+    if family == "llava_onevision":
+        start, n = sum(p.images for p in before), prompts[i].images
+        if n:
+            alone["pixel_values"] = batch["pixel_values"][start : start + n, : alone["pixel_values"].shape[1]]
+        start, n = sum(p.videos for p in before), prompts[i].videos
+        if n:
+            alone["pixel_values_videos"] = batch["pixel_values_videos"][start : start + n]
+        return alone
+    if family == "internvl":
+        tiles = [INTERNVL_TILES[p.size] for p in before for _ in range(p.images)]
+        mine = [INTERNVL_TILES[prompts[i].size]] * prompts[i].images
+        if mine:
+            alone["pixel_values"] = batch["pixel_values"][sum(tiles) : sum(tiles) + sum(mine)]
+        return alone
     if family in ("llava", "llava_next"):
         start = sum(p.images for p in before)
         alone["pixel_values"] = batch["pixel_values"][start : start + prompts[i].images]

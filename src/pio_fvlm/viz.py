@@ -8,7 +8,13 @@ Every visual token is mapped to the image region it was computed from, per famil
 - LLaVA-1.5: a square patch grid over the processor's view (shortest side resized, centre crop);
 - LLaVA-NeXT: the base view (the whole image squashed to one tile, its own grid) and the
   high-resolution grid (tiles with the padding removed; the per-row newline tokens have no region);
-- Qwen2-VL / Qwen2.5-VL: 2 x 2 merged patches of the dynamically resized image.
+- LLaVA-OneVision: as LLaVA-NeXT for a prompt with one image (the high-resolution grid shrunk
+  when it exceeds 9 tiles' worth, as the model does), and the base view plus one newline for each
+  image of a prompt with several;
+- Qwen2-VL / Qwen2.5-VL: 2 x 2 merged patches of the dynamically resized image;
+- InternVL: each tile's pixel-shuffled grid (2 x 2 patches per token) over its part of the image,
+  then the thumbnail tile over the whole image. The tile layout is the one with the image's tile
+  count whose aspect ratio is closest to the image's (the processor's rule).
 
 Dropped regions are darkened, kept ones keep their colours and get an outline. One picture per
 image and view, side by side. Video tokens are not drawn.
@@ -60,19 +66,80 @@ def _llava_views(config: Any, sizes: list[tuple[int, int]]) -> list[TokenView]:
 
 
 def _llava_next_views(config: Any, sizes: list[tuple[int, int]]) -> list[TokenView]:
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    views = []
+    for i, (width, height) in enumerate(sizes):
+        views.append(TokenView(i, "base", _grid_boxes(side, side, 0, 0, width, height)))
+        rows, cols = _high_res_grid(config, width, height)
+        views.append(TokenView(i, "high-res", _with_newlines(rows, cols, width, height)))
+    return views
+
+
+def _high_res_grid(config: Any, width: int, height: int, max_tiles: int | None = None) -> tuple[int, int]:
+    """Rows and columns of LLaVA-NeXT / OneVision's unpadded high-resolution grid of one image; with
+    ``max_tiles`` (OneVision's ``anyres_max_N``), shrunk as the model shrinks it."""
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     tile = config.vision_config.image_size
     side = tile // config.vision_config.patch_size
+    tiles_h, tiles_w = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, tile)
+    rows, cols = unpad_image(torch.empty(1, tiles_h * side, tiles_w * side), (height, width)).shape[1:]
+    if max_tiles is not None:
+        ratio = math.sqrt(rows * cols / (max_tiles * side**2))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+    return int(rows), int(cols)
+
+
+def _with_newlines(rows: int, cols: int, width: int, height: int) -> np.ndarray:
+    """A rows x cols grid over the image with one region-less newline token after each row."""
+    grid = _grid_boxes(rows, cols, 0, 0, width, height).reshape(rows, cols, 4)
+    return np.concatenate([grid, _no_region(rows).reshape(rows, 1, 4)], axis=1).reshape(-1, 4)
+
+
+def _onevision_views(config: Any, sizes: list[tuple[int, int]]) -> list[TokenView]:
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    max_tiles = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).rsplit("_", 1)[-1])
     views = []
     for i, (width, height) in enumerate(sizes):
-        views.append(TokenView(i, "base", _grid_boxes(side, side, 0, 0, width, height)))
-        tiles_h, tiles_w = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, tile)
-        rows, cols = unpad_image(torch.empty(1, tiles_h * side, tiles_w * side), (height, width)).shape[1:]
-        grid = _grid_boxes(rows, cols, 0, 0, width, height).reshape(rows, cols, 4)
-        with_newlines = np.concatenate([grid, _no_region(rows).reshape(rows, 1, 4)], axis=1).reshape(-1, 4)
-        views.append(TokenView(i, "high-res", with_newlines))
+        base = _grid_boxes(side, side, 0, 0, width, height)
+        if len(sizes) > 1:  # several images in one prompt: base view and a newline each, no anyres
+            views.append(TokenView(i, "", np.concatenate([base, _no_region(1)])))
+            continue
+        views.append(TokenView(i, "base", base))
+        rows, cols = _high_res_grid(config, width, height, max_tiles)
+        views.append(TokenView(i, "high-res", _with_newlines(rows, cols, width, height)))
     return views
+
+
+def tile_layout(tiles: int, width: int, height: int) -> tuple[int, int]:
+    """(rows, columns) of ``tiles`` tiles whose aspect ratio is closest to the image's."""
+    pairs = [(r, tiles // r) for r in range(1, tiles + 1) if tiles % r == 0]
+    return min(pairs, key=lambda rc: abs(math.log((rc[1] / rc[0]) / (width / height))))
+
+
+def _internvl_views(config: Any, sizes: list[tuple[int, int]], tiles: list[int]) -> list[TokenView]:
+    vc = config.vision_config
+    side = int(vc.image_size[0] // vc.patch_size[0] * config.downsample_ratio)
+    views = []
+    for i, ((width, height), n) in enumerate(zip(sizes, tiles)):
+        whole = _grid_boxes(side, side, 0, 0, width, height)
+        if n == 1:
+            views.append(TokenView(i, "", whole))
+            continue
+        rows, cols = tile_layout(n - 1, width, height)
+        tw, th = width / cols, height / rows
+        parts = [_grid_boxes(side, side, c * tw, r * th, tw, th) for r in range(rows) for c in range(cols)]
+        views.append(TokenView(i, f"{rows} x {cols} tiles", np.concatenate(parts)))
+        views.append(TokenView(i, "thumbnail", whole))
+    return views
+
+
+def _runs(flags: torch.Tensor) -> list[int]:
+    """Lengths of the runs of True in a 1-D bool tensor, in order."""
+    padded = torch.cat([flags.new_zeros(1), flags, flags.new_zeros(1)]).int()
+    edges = padded.diff().nonzero().flatten().tolist()
+    return [end - start for start, end in zip(edges[::2], edges[1::2])]
 
 
 def _qwen_views(config: Any, sizes: list[tuple[int, int]], grids: torch.Tensor) -> list[TokenView]:
@@ -107,6 +174,16 @@ def token_views(model: Any, inputs: dict[str, Any], images: list[Any], sample: i
         views = _llava_views(config, sizes)
     elif kind == "llava_next":
         views = _llava_next_views(config, sizes)
+    elif kind == "llava_onevision":
+        views = _onevision_views(config, sizes)
+    elif kind == "internvl":
+        per_tile = int(config.image_seq_length)
+        runs = _runs(inputs["input_ids"][sample] == config.image_token_id)
+        if len(runs) != len(images) or any(n % per_tile for n in runs):
+            raise ValueError(f"sample {sample} has {len(runs)} image(s) of {runs} tokens (tiles of {per_tile}) but "
+                             f"{len(images)} image(s) were passed to account for them: pass exactly that sample's "
+                             f"images, in order")
+        views = _internvl_views(config, sizes, [n // per_tile for n in runs])
     elif kind in ("qwen2_vl", "qwen2_5_vl"):
         grids = inputs["image_grid_thw"]
         merge = config.vision_config.spatial_merge_size
@@ -114,7 +191,8 @@ def token_views(model: Any, inputs: dict[str, Any], images: list[Any], sample: i
         first = _images_before(inputs["input_ids"], sample, config.image_token_id, per_image)
         views = _qwen_views(config, sizes, grids[first:first + len(images)])
     else:
-        raise ValueError(f"pio_fvlm.viz draws LLaVA, LLaVA-NeXT and Qwen2(.5)-VL tokens; not {kind!r}")
+        raise ValueError(f"pio_fvlm.viz draws LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2(.5)-VL and InternVL "
+                         f"tokens; not {kind!r}")
     n_tokens = int((inputs["input_ids"][sample] == config.image_token_id).sum())
     n_mapped = sum(len(v.boxes) for v in views)
     if n_tokens != n_mapped:

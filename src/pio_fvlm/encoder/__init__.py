@@ -38,6 +38,16 @@ class EncoderInstall:
     method_patches: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
 
 
+# Families without an encoder-side score, and why.
+_NO_ENCODER_MODE = {
+    "llava_onevision": "its SigLIP tower has no [CLS] token, and the [CLS] attention is what VisionZip ranks "
+                       "patches by",
+    "internvl": "each token the language model sees merges 2 x 2 tower patches (pixel shuffle) and every "
+                "image repeats as a thumbnail tile, so the tower's per-patch [CLS] attention does not rank "
+                "those tokens by itself",
+}
+
+
 def install_encoder(model: nn.Module, encoder_budget: int) -> EncoderInstall:
     """Encoder mode for LLaVA-1.5 / LLaVA-NeXT (VisionZip-style on [CLS] attention) or Qwen2-VL /
     Qwen2.5-VL (window-local + global on the tower's attention). Other models get a clear error."""
@@ -46,6 +56,9 @@ def install_encoder(model: nn.Module, encoder_budget: int) -> EncoderInstall:
         return install_qwen_windows(model, encoder_budget)
     if kind == "llava_next":
         return install_next_tiles(model, encoder_budget)
+    if kind in _NO_ENCODER_MODE:
+        raise ValueError(f"encoder='visionzip' is not available for {type(model).__name__}: {_NO_ENCODER_MODE[kind]}. "
+                         f"Use encoder=None (PIO-FVLM inside the language model works as for any family).")
     if kind != "llava":
         raise ValueError(
             f"encoder='visionzip' is available for LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL; "

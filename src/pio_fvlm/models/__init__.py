@@ -8,10 +8,11 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, ModelParts
-from .llava import LLAVA, LLAVA_NEXT
+from .internvl import INTERNVL
+from .llava import LLAVA, LLAVA_NEXT, LLAVA_ONEVISION
 from .qwen_vl import QWEN2_5_VL, QWEN2_VL
 
-_ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL)
+_ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, INTERNVL)
 REGISTRY: dict[str, Adapter] = {t: a for a in _ADAPTERS for t in a.model_types}
 
 
