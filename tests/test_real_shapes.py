@@ -1,8 +1,11 @@
 """Real checkpoints' configurations, with random weights (no download).
 
 LLaVA-1.5-7B runs for real at full width (4096 hidden, 32 heads, 32k vocabulary, CLIP-L/336)
-with only 2 of its 32 decoder layers and 1 of 24 vision layers, to fit this machine's time; the
-others are built on the meta device and checked for structure (the adapter finds every part,
+with only 2 of its 32 decoder layers and 1 of 24 vision layers, to fit this machine's time;
+LLaVA-OneVision-7B and InternVL3-8B likewise at their full widths (3584 hidden, 28 heads, 4 KV
+heads, their towers and token counts) with 2 decoder layers, 1 vision layer and the vocabulary
+cut to 32k (their 152k-row embeddings alone take longer to initialise than the test may).
+All are also built on the meta device and checked for structure (the adapter finds every part,
 the fast probe applies, the visual ids are right).
 """
 
@@ -10,10 +13,12 @@ import pytest
 import torch
 from transformers import (
     CLIPVisionConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -22,7 +27,14 @@ from transformers import (
 import pio_fvlm
 from pio_fvlm.models import adapter_for
 from pio_fvlm.select.saliency import supports_fast_probe
-from pio_fvlm.testing import CLIP_L_336, VICUNA_7B, llava15_7b_config, qwen2_5_vl_7b_config
+from pio_fvlm.testing import (
+    CLIP_L_336,
+    VICUNA_7B,
+    internvl3_8b_config,
+    llava15_7b_config,
+    llava_onevision_7b_config,
+    qwen2_5_vl_7b_config,
+)
 
 
 def test_llava15_7b_widths_run():
@@ -81,6 +93,12 @@ def test_llava15_7b_widths_run():
             lambda: Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_7b_config()),
             (151655, 151656),
         ),
+        (
+            "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+            lambda: LlavaOnevisionForConditionalGeneration(llava_onevision_7b_config()),
+            (151646, 151647),
+        ),
+        ("OpenGVLab/InternVL3-8B-hf", lambda: InternVLForConditionalGeneration(internvl3_8b_config()), (151667,)),
     ],
 )
 def test_real_configs_structure(name, build, visual_ids):
@@ -93,3 +111,50 @@ def test_real_configs_structure(name, build, visual_ids):
     pio_fvlm.wrap(model, budget=64, layer=2)
     assert pio_fvlm.is_wrapped(model)
     pio_fvlm.unwrap(model)
+
+
+def _real_width_run(model, inputs, image_id: int, n_visual: int, budget: int = 64) -> None:
+    pio_fvlm.wrap(model, budget=budget)
+    with torch.inference_mode():
+        out = model(**inputs)
+        gen = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    (kept,) = pio_fvlm.last_selection(model)
+    ids = inputs["input_ids"]
+    assert int((ids == image_id).sum()) == n_visual
+    assert len(kept) == budget and bool((ids[0, kept] == image_id).all())
+    assert out.logits.shape == (1, ids.shape[1], model.config.text_config.vocab_size)
+    assert gen.shape[1] == ids.shape[1] + 2
+
+
+def test_llava_onevision_7b_widths_run():
+    torch.manual_seed(0)
+    config = llava_onevision_7b_config(text_layers=2, vision_layers=1)
+    config.text_config.vocab_size = 32000
+    config.image_token_id, config.video_token_id = 31998, 31999
+    config._attn_implementation = "sdpa"
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    # one 384 x 768 image: base view (729) + a 1 x 2 crop grid of 27 x 54 with a newline per row (27 x 55)
+    sizes = torch.tensor([[384, 768]])
+    pixels = torch.randn(1, 3, 3, 384, 384)
+    with torch.no_grad():
+        n_visual = int(model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output[0].shape[0])
+    assert n_visual == 729 + 27 * 55
+    text = torch.randint(100, 30000, (1, 25))
+    ids = torch.cat([text[:, :5], torch.full((1, n_visual), 31998), text[:, 5:]], dim=1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_sizes": sizes}
+    _real_width_run(model, inputs, 31998, n_visual)
+
+
+def test_internvl3_8b_widths_run():
+    torch.manual_seed(0)
+    config = internvl3_8b_config(text_layers=2, vision_layers=1)
+    config.text_config.vocab_size = 32000
+    config.image_token_id = 31999
+    config._attn_implementation = "sdpa"
+    model = InternVLForConditionalGeneration(config).eval()
+    # one image as 2 tiles + the thumbnail: 3 x 256 tokens between <img> and </img>
+    text = torch.randint(100, 30000, (1, 25))
+    ids = torch.cat([text[:, :5], torch.tensor([[31997]]), torch.full((1, 768), 31999), torch.tensor([[31998]]),
+                     text[:, 5:]], dim=1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(3, 3, 448, 448)}
+    _real_width_run(model, inputs, 31999, 768)

@@ -78,6 +78,36 @@ def qwen2_5_vl_7b_config() -> Qwen2_5_VLConfig:
     )
 
 
+# Qwen2-7B / Qwen2.5-7B widths: the language models of LLaVA-OneVision-7B and InternVL3-8B.
+QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6)
+
+
+def llava_onevision_7b_config(text_layers: int = 28, vision_layers: int = 26) -> LlavaOnevisionConfig:
+    """llava-hf/llava-onevision-qwen2-7b-ov-hf's configuration: SigLIP-so400m at 384 px (27 x 27 = 729
+    tokens per view), anyres up to 9 crops, a 28 x 3584 Qwen2 LM; optionally shallower."""
+    return LlavaOnevisionConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                           num_hidden_layers=vision_layers, num_attention_heads=16, image_size=384, patch_size=14),
+        text_config=dict(model_type="qwen2", **{**QWEN2_7B, "num_hidden_layers": text_layers}, vocab_size=152128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        image_token_id=151646, video_token_id=151647, vision_feature_select_strategy="full", vision_feature_layer=-1,
+    )
+
+
+def internvl3_8b_config(text_layers: int = 28, vision_layers: int = 24) -> InternVLConfig:
+    """OpenGVLab/InternVL3-8B-hf's configuration: InternViT-300M at 448 px, pixel shuffle to 256 tokens
+    per tile, a 28 x 3584 Qwen2.5 LM with tied embeddings; optionally shallower."""
+    return InternVLConfig(
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
+                           num_attention_heads=16, image_size=[448, 448], patch_size=[14, 14]),
+        text_config=dict(model_type="qwen2", **{**QWEN2_7B, "num_hidden_layers": text_layers}, vocab_size=151674,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0}),
+        image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, vision_feature_layer=-1,
+        tie_word_embeddings=True,
+    )
+
+
 def build_on_device(cls: type[nn.Module], config: object, dtype: torch.dtype, device: str) -> nn.Module:
     """``cls(config)`` in eval mode, its random weights created directly on ``device`` in ``dtype``
     (a 7B model in bf16 on a GPU without a CPU copy; ``"meta"`` for shapes only)."""
