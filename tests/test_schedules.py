@@ -35,6 +35,24 @@ def test_presets():
         assert average_budget(counts, 32, n) / n == pytest.approx(64 / 576, abs=0.002)
 
 
+@pytest.mark.parametrize("depth", [28, 36, 24, 40])
+@pytest.mark.parametrize("name", ["paper-64", "paper-128", "paper-192", "paper-11%"])
+def test_presets_scale_to_the_models_depth_and_keep_their_average(name, depth):
+    at_32 = average_budget(preset(name), 32, 576)
+    scaled = preset(name, depth)
+    assert average_budget(scaled, depth, 576) == pytest.approx(at_32, abs=0.5)
+    layers = [layer for layer, _ in scaled]
+    assert layers == [max(1, round(l * depth / 32)) for l, _ in preset(name)]  # same share of the model
+    assert preset(name, 32) == preset(name)
+
+
+def test_a_scaled_preset_prunes_a_deeper_model():
+    model = tiny_vlm("llava", num_layers=12)
+    pio_fvlm.wrap(model, preset="paper-192")
+    assert pio_fvlm.get_config(model).schedule == preset("paper-192", 12)
+    assert [layer for layer, _ in pio_fvlm.get_config(model).schedule] == [1, 4, 6]
+
+
 @pytest.mark.parametrize(
     "schedule, words",
     [
@@ -63,8 +81,8 @@ def test_schedule_excludes_budget_and_layer():
         pio_fvlm.wrap(model, layer=2, preset="paper-64")
     with pytest.raises(ValueError, match="either preset"):
         pio_fvlm.wrap(model, preset="paper-64", schedule=[(1, 5)])
-    with pytest.raises(ValueError, match="out of range"):
-        pio_fvlm.wrap(model, preset="paper-64")  # layers 10, 15 do not exist in a 4-layer model
+    with pytest.raises(ValueError, match="pass budget= and layer= instead"):
+        pio_fvlm.wrap(model, preset="paper-64")  # 4 layers: layer 0 alone spends more than 64 per layer
 
 
 @pytest.fixture(params=FAMILIES)

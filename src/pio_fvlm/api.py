@@ -53,7 +53,8 @@ def wrap(
     ``config=`` passes the same settings as one object; giving both ``config`` and a keyword
     is an error. Wrapping an already wrapped model replaces its settings (no stacking).
     ``schedule=[(layer, kept), ...]`` prunes in several stages (instead of ``budget``/``layer``);
-    ``preset="paper-64"`` (or ``"paper-128"``, ``"paper-192"``) uses the authors' LLaVA-1.5 schedules.
+    ``preset="paper-64"`` (or ``"paper-128"``, ``"paper-192"``) uses the authors' LLaVA-1.5 schedules
+    (written for 32 layers; on another depth their layers scale with it, see :func:`pio_fvlm.schedules.preset`).
     ``encoder="visionzip", encoder_budget=128`` first reduces the visual tokens before the language
     model (encoder-involved mode; LLaVA-1.5: 128 per image, VisionZip-style; Qwen2-VL / Qwen2.5-VL:
     128 per sample, window-local + global on the tower's attention; see :mod:`pio_fvlm.encoder`).
@@ -96,6 +97,10 @@ def wrap(
         config = PruneConfig(**given)  # type: ignore[arg-type]
     adapter = adapter_for(model)
     parts = adapter.find_parts(model)
+    if preset is not None:  # scaled to this model's depth
+        from .schedules import preset as named_schedule
+
+        config = config.replace(schedule=named_schedule(preset, len(parts.layers)))
     if config.schedule is not None:
         config = config.replace(schedule=normalize_schedule(config.schedule, len(parts.layers)))
     config.validate(len(parts.layers))

@@ -106,10 +106,46 @@ def schedule_for(
     return normalize_schedule(list(zip(layers, counts)), num_layers)
 
 
-def preset(name: str) -> Schedule:
-    """A named schedule (see :data:`PRESETS`; ``"paper-192"`` is derived with :func:`schedule_for`)."""
+PRESET_DEPTH = 32  # the presets are the authors' schedules for 32-layer LLaVA-1.5
+
+
+def preset(name: str, num_layers: int = PRESET_DEPTH) -> Schedule:
+    """A named schedule (see :data:`PRESETS`; ``"paper-192"`` is derived with :func:`schedule_for`)
+    for a language model of ``num_layers`` decoder layers.
+
+    The presets are written for 32 layers and named by their per-layer average (on 576 visual
+    tokens). For another depth every stage's layer scales with it (``round(layer * num_layers /
+    32)``, kept strictly increasing) and all counts by one common factor chosen so that the
+    per-layer average stays the preset's: ``paper-64`` on a 28-layer model is
+    ``((1, 87), (9, 51), (13, 21))``, still 64 on average.
+    """
     if name == "paper-192":
-        return schedule_for(192)
-    if name not in PRESETS:
+        schedule = schedule_for(192)
+    elif name in PRESETS:
+        schedule = PRESETS[name]
+    else:
         raise ValueError(f"unknown preset {name!r}; use one of {sorted([*PRESETS, 'paper-192'])}")
-    return PRESETS[name]
+    if num_layers == PRESET_DEPTH:
+        return schedule
+    layers: list[int] = []
+    for layer, _ in schedule:
+        scaled = max(1, round(layer * num_layers / PRESET_DEPTH))
+        layers.append(max(scaled, layers[-1] + 1) if layers else scaled)
+    if layers[-1] > num_layers - 1:
+        raise ValueError(
+            f"preset {name!r} needs at least {len(schedule) + 1} decoder layers to place its {len(schedule)} "
+            f"stages; this language model has {num_layers}: pass budget= and layer= instead"
+        )
+    n_visual = 576
+    target = average_budget(schedule, PRESET_DEPTH, n_visual)
+    counts = [kept * n_visual if isinstance(kept, float) else kept for _, kept in schedule]
+    spans = [(layers[i + 1] if i + 1 < len(layers) else num_layers) - layers[i] for i in range(len(layers))]
+    factor = (target * num_layers - layers[0] * n_visual) / sum(s * c for s, c in zip(spans, counts))
+    if factor <= 0:
+        raise ValueError(f"preset {name!r} cannot keep its average on a {num_layers}-layer model (the layers "
+                         f"before its first stage already exceed it): pass budget= and layer= instead")
+    fractions = isinstance(schedule[0][1], float)
+    scaled_counts: list[Budget] = [
+        min(1.0, factor * c / n_visual) if fractions else max(1, min(n_visual, round(factor * c))) for c in counts
+    ]
+    return normalize_schedule(list(zip(layers, scaled_counts)), num_layers)
