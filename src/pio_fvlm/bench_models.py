@@ -11,12 +11,16 @@ shape                  visual    what it stands for
                                  one newline per row)
 ``qwen2.5-vl-1344``    2,304     Qwen2.5-VL, a 1344 x 1344 image (patch 14, 2 x 2 merge)
 ``qwen2.5-vl-video``   4,096     Qwen2.5-VL, a 32-frame video at 448 x 448
+``llava-onevision``    7,371     LLaVA-OneVision anyres, a 1152 x 1152 image (base view + 3 x 3
+                                 crops of 729 tokens, one newline per row)
+``internvl-7-tiles``   1,792     InternVL, an image as 6 tiles + the thumbnail (256 tokens each)
 =====================  ========  ==============================================================
 
 On a CPU they are miniatures: the real token layout and depth with narrow layers (the
 LLaVA-1.5 one keeps 7B's proportions shrunk 8x; the larger shapes are narrower still so that a
 prefill of thousands of tokens takes seconds). ``llava-1.5-7b``, ``llava-next-7b`` and
-``qwen2.5-vl-7b`` / ``qwen2.5-vl-7b-video`` build the real 7B shapes, for a GPU.
+``qwen2.5-vl-7b`` / ``qwen2.5-vl-7b-video``, ``llava-onevision-7b`` and ``internvl3-8b`` build the
+real 7B / 8B shapes, for a GPU.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ class Shape:
     """A model to build and the visual input it takes."""
 
     build: Callable[[str, torch.dtype, str, int | None], nn.Module]
-    visual: str  # "llava-image" | "next-image" | "qwen-image" | "qwen-video"
+    visual: str  # "llava-image" | "next-image" | "onevision-image" | "internvl-image" | "qwen-image" | "qwen-video"
     image_px: int = 336
     frames: int = 0
+    tiles: int = 0  # InternVL: tiles of the image, the thumbnail included
     cpu_miniature: bool = True
 
 
@@ -103,6 +108,61 @@ def miniature_qwen2_5_vl(attn: str, dtype: torch.dtype, num_layers: int = 28, hi
                               vision_end_token_id=testing.VISION_END_ID)
     config._attn_implementation = attn
     return Qwen2_5_VLForConditionalGeneration(config).eval().to(dtype)
+
+
+def _qwen2_text(hidden: int, layers: int) -> dict[str, Any]:
+    """A Qwen2-style LM config (q/k/v bias, GQA 7:1 as Qwen2-7B, head size 64), narrow."""
+    heads = hidden // 64
+    return dict(model_type="qwen2", **_llama_text(hidden, hidden * 37 // 7, heads, max(1, heads // 4), layers),
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+
+
+def miniature_llava_onevision(attn: str, dtype: torch.dtype, num_layers: int = 28, hidden: int = 256) -> nn.Module:
+    """LLaVA-OneVision-7B's layout (SigLIP at 384 px: 729 tokens per view, anyres up to 9 crops,
+    Qwen2 LM), narrow."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=4, image_size=384, patch_size=14)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=_qwen2_text(hidden, num_layers),
+                                  image_token_id=testing.IMAGE_TOKEN_ID, video_token_id=testing.VIDEO_TOKEN_ID,
+                                  vision_feature_select_strategy="full", vision_feature_layer=-1)
+    config._attn_implementation = attn
+    return LlavaOnevisionForConditionalGeneration(config).eval().to(dtype)
+
+
+def miniature_internvl(attn: str, dtype: torch.dtype, num_layers: int = 28, hidden: int = 256) -> nn.Module:
+    """InternVL3-8B's layout (448 px tiles, pixel shuffle to 256 tokens per tile, Qwen2 LM), narrow."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=[448, 448], patch_size=[14, 14])
+    config = InternVLConfig(vision_config=vision, text_config=_qwen2_text(hidden, num_layers),
+                            image_token_id=testing.IMAGE_TOKEN_ID, image_seq_length=256, downsample_ratio=0.5)
+    config._attn_implementation = attn
+    return InternVLForConditionalGeneration(config).eval().to(dtype)
+
+
+def random_llava_onevision_7b(attn: str, dtype: torch.dtype, device: str, num_layers: int = 28) -> nn.Module:
+    """llava-onevision-qwen2-7b-ov-hf's real shapes with random weights, built on ``device``."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    config = testing.llava_onevision_7b_config(text_layers=num_layers)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return testing.build_on_device(LlavaOnevisionForConditionalGeneration, config, dtype, device)
+
+
+def random_internvl3_8b(attn: str, dtype: torch.dtype, device: str, num_layers: int = 28) -> nn.Module:
+    """InternVL3-8B-hf's real shapes with random weights, built on ``device``."""
+    from transformers import InternVLForConditionalGeneration
+
+    config = testing.internvl3_8b_config(text_layers=num_layers)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return testing.build_on_device(InternVLForConditionalGeneration, config, dtype, device)
 
 
 # llava-hf/llava-v1.6-vicuna-7b-hf's anyres resolutions
@@ -168,17 +228,23 @@ SHAPES: dict[str, Shape] = {
     "llava-next": Shape(_cpu(miniature_llava_next), "next-image", image_px=672),
     "qwen2.5-vl-1344": Shape(_cpu(miniature_qwen2_5_vl), "qwen-image", image_px=1344),
     "qwen2.5-vl-video": Shape(_cpu(miniature_qwen2_5_vl), "qwen-video", image_px=448, frames=32),
+    "llava-onevision": Shape(_cpu(miniature_llava_onevision), "onevision-image", image_px=1152),
+    "internvl-7-tiles": Shape(_cpu(miniature_internvl), "internvl-image", tiles=7),
     "llava-1.5-7b": Shape(_gpu(random_llava15_7b, 32), "llava-image", cpu_miniature=False),
     "llava-next-7b": Shape(_gpu(random_llava_next_7b, 32), "next-image", image_px=672, cpu_miniature=False),
     "qwen2.5-vl-7b": Shape(_gpu(random_qwen2_5_vl_7b, None), "qwen-image", image_px=1344, cpu_miniature=False),
     "qwen2.5-vl-7b-video": Shape(_gpu(random_qwen2_5_vl_7b, None), "qwen-video", image_px=448, frames=32,
                                  cpu_miniature=False),
+    "llava-onevision-7b": Shape(_gpu(random_llava_onevision_7b, 28), "onevision-image", image_px=1152,
+                                cpu_miniature=False),
+    "internvl3-8b": Shape(_gpu(random_internvl3_8b, 28), "internvl-image", tiles=7, cpu_miniature=False),
 }
 
 
 # The input a real checkpoint of each family gets from the benchmark when --shapes is not given.
 SHAPE_OF_MODEL_TYPE = {"llava": "miniature", "llava_next": "llava-next", "qwen2_vl": "qwen2.5-vl-1344",
-                       "qwen2_5_vl": "qwen2.5-vl-1344"}
+                       "qwen2_5_vl": "qwen2.5-vl-1344", "llava_onevision": "llava-onevision",
+                       "internvl": "internvl-7-tiles"}
 
 
 def visual_token_id(model: nn.Module, shape: Shape) -> int:
@@ -198,7 +264,12 @@ def shape_inputs(model: nn.Module, shape: Shape, batch: int, text_tokens: int = 
         n_visual = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
         side = cfg.vision_config.image_size
         out["pixel_values"] = torch.randn(batch, 3, side, side, generator=g)
-    elif shape.visual == "next-image":
+    elif shape.visual == "internvl-image":
+        side = cfg.vision_config.image_size[0]
+        out["pixel_values"] = torch.randn(batch * shape.tiles, 3, side, side, generator=g)
+        n_visual = shape.tiles * int(cfg.image_seq_length)
+        before, after = [testing.VISION_START_ID], [testing.VISION_END_ID]  # <img> ... </img>
+    elif shape.visual in ("next-image", "onevision-image"):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         size = (shape.image_px, shape.image_px)
