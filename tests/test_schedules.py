@@ -42,7 +42,7 @@ def test_presets_scale_to_the_models_depth_and_keep_their_average(name, depth):
     scaled = preset(name, depth)
     assert average_budget(scaled, depth, 576) == pytest.approx(at_32, abs=0.5)
     layers = [layer for layer, _ in scaled]
-    assert layers == [max(1, round(l * depth / 32)) for l, _ in preset(name)]  # same share of the model
+    assert layers == [max(1, round(at * depth / 32)) for at, _ in preset(name)]  # same share of the model
     assert preset(name, 32) == preset(name)
 
 

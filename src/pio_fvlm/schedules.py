@@ -57,7 +57,7 @@ def normalize_schedule(schedule: object, num_layers: int) -> Schedule:
     return tuple(stages)
 
 
-def average_budget(schedule: Sequence[tuple[int, int]], num_layers: int, n_visual: int) -> float:
+def average_budget(schedule: Sequence[tuple[int, Budget]], num_layers: int, n_visual: int) -> float:
     """Per-layer average of visual tokens over all ``num_layers`` decoder layers.
 
     >>> average_budget([(1, 218), (10, 128), (15, 54)], 32, 576)

@@ -15,6 +15,25 @@ from .qwen_vl import QWEN2_5_VL, QWEN2_VL
 _ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, INTERNVL)
 REGISTRY: dict[str, Adapter] = {t: a for a in _ADAPTERS for t in a.model_types}
 
+# Families people ask about that pruning here cannot serve as they are, and why.
+_DEEPSTACK = ("Qwen3-VL adds vision features to the visual positions after decoder layers 0, 1 and 2 "
+              "(DeepStack), so pruning at the default layer 1 must carry the pending injections to the kept "
+              "tokens, which pio_fvlm does not do yet")
+_BIDIRECTIONAL = ("its image tokens attend to each other in both directions (a non-causal block in the "
+                  "attention mask), which the pruned layers' masks here do not reproduce")
+NOT_SUPPORTED: dict[str, str] = {
+    "qwen3_vl": _DEEPSTACK,
+    "qwen3_vl_moe": _DEEPSTACK,
+    "qwen3_5": "Qwen3.5's linear-attention layers keep one recurrent state for the whole sequence instead of a "
+               "per-token KV cache, so tokens cannot be dropped from them",
+    "qwen3_5_moe": "Qwen3.5's linear-attention layers keep one recurrent state for the whole sequence instead of "
+                   "a per-token KV cache, so tokens cannot be dropped from them",
+    "gemma3": _BIDIRECTIONAL,
+    "paligemma": _BIDIRECTIONAL,
+    "mllama": "Llama 3.2 Vision reads the image through cross-attention layers: the visual tokens are not in "
+              "the language model's sequence, so there is nothing there to prune",
+}
+
 
 def supported_model_types() -> list[str]:
     return sorted(REGISTRY)
@@ -29,6 +48,11 @@ def adapter_for(model: object) -> Adapter:
             f"{type(model).__name__}. Supported: {supported}"
         )
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in NOT_SUPPORTED:
+        raise ValueError(
+            f"pio_fvlm cannot prune {type(model).__name__} (model_type={model_type!r}): "
+            f"{NOT_SUPPORTED[model_type]}. Supported: {supported}"
+        )
     if model_type not in REGISTRY:
         what = f"model_type={model_type!r}" if model_type else "no HuggingFace config"
         raise ValueError(
@@ -38,4 +62,4 @@ def adapter_for(model: object) -> Adapter:
     return REGISTRY[model_type]
 
 
-__all__ = ["Adapter", "ModelParts", "REGISTRY", "adapter_for", "supported_model_types"]
+__all__ = ["Adapter", "ModelParts", "NOT_SUPPORTED", "REGISTRY", "adapter_for", "supported_model_types"]
