@@ -40,6 +40,8 @@ from pio_fvlm.select.baselines import (
     top_by_visual_score,
 )
 
+SHIPPED_TRAINING_STATE = Path(__file__).resolve().parents[1] / "training/records/recipe-12-shipped/training_state.json"
+
 
 class OracleSelector:
     """Not a method: a diagnostic that knows the answer's location. It keeps the tokens of the
@@ -210,9 +212,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result = {"items": args.items, "device": str(model.device), "dtype": args.dtype, "attn": args.attn,
               "full": full, "blank": blank, "answer_prior": prior, "accuracy": rows,
               "one_token_from_layer": floor, "questions_with_every_object_kept": coverage,
-              "share_of_object_tokens_kept": token_share,
-              "training_state": json.loads((Path(args.model) / "training_state.json").read_text())["step"]}
+              "share_of_object_tokens_kept": token_share, "training_step": training_step(Path(args.model))}
     return result
+
+
+def training_step(model: Path) -> int | None:
+    """The step a checkpoint was saved at: its own ``training_state.json`` (written by
+    training/train_tiny_vlm.py), or the shipped model's record under training/records/."""
+    for state in (model / "training_state.json", SHIPPED_TRAINING_STATE):
+        if state.exists() and (state != SHIPPED_TRAINING_STATE or model.resolve() == Path(sv.ASSET_DIR).resolve()):
+            return int(json.loads(state.read_text())["step"])
+    return None
 
 
 def default_out(model: str | Path) -> Path:

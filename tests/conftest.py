@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script(relative: str) -> ModuleType:
-    """A script of the repository (``"examples/train_tiny_vlm.py"``, ``"benchmarks/quality.py"``)
+    """A script of the repository (``"training/train_tiny_vlm.py"``, ``"benchmarks/quality.py"``)
     imported as a module, for its functions; its folder is on ``sys.path`` while it loads, as
     when it runs (``probe_binding`` imports its neighbour ``probe_tower_shape``)."""
     path = REPO / relative

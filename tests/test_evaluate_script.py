@@ -1,4 +1,4 @@
-"""examples/evaluate_tiny_vlm.py: the splits docs/quality.md reports on, and its output format."""
+"""training/evaluate_tiny_vlm.py: the splits docs/quality.md reports on, and its output format."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import REPO, load_script
 
 
 def _evaluation():
-    return load_script("examples/evaluate_tiny_vlm.py")
+    return load_script("training/evaluate_tiny_vlm.py")
 
 
 def _keys(items: list) -> list:
@@ -24,7 +24,7 @@ def test_validation_split_is_the_training_scripts_and_blank_reuses_the_test_ques
 
     evaluation = _evaluation()
     # the training script validates on the same seed's first 150 questions
-    assert "sv.eval_set(150, seed=sv.VALIDATION_SEED)" in (REPO / "examples" / "train_tiny_vlm.py").read_text()
+    assert "sv.eval_set(150, seed=sv.VALIDATION_SEED)" in (REPO / "training" / "train_tiny_vlm.py").read_text()
     split = evaluation.splits(scale=0.05)
     assert {name: len(items) for name, (items, _) in split.items()} == {
         "val600": 30, "test300": 15, "blank300": 15, "seed555123": 30}

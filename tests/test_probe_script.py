@@ -1,4 +1,4 @@
-"""examples/probe_tower_shape.py: the closed-form probe reads a class that is in the features and
+"""training/probe_tower_shape.py: the closed-form probe reads a class that is in the features and
 not one that is absent, and the oriented-edge stem's filters answer to edges of their orientation."""
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import math
 import numpy as np
 import torch
 
+import tiny_vlm as tv  # training/, on the test path
 from conftest import load_script
 
 
 def _probe_module():
-    return load_script("examples/probe_tower_shape.py")
+    return load_script("training/probe_tower_shape.py")
 
 
 def test_ridge_probe_reads_an_encoded_class_and_not_noise() -> None:
@@ -28,10 +29,9 @@ def test_ridge_probe_reads_an_encoded_class_and_not_noise() -> None:
 
 
 def test_oriented_edge_stem_filters_answer_to_their_orientation() -> None:
-    from pio_fvlm import shapes_vlm as sv
 
-    model = sv.build_model(vision_layers=1)
-    assert sv.oriented_edge_stem(model) == 72
+    model = tv.build_model(vision_layers=1)
+    assert tv.oriented_edge_stem(model) == 72
     weight = model.model.vision_tower.embeddings.patch_embedding.weight
     yy, xx = torch.meshgrid(torch.arange(14.0) - 6.5, torch.arange(14.0) - 6.5, indexing="ij")
     for a in range(8):  # a step edge through the patch centre at each of the 8 orientations
@@ -47,8 +47,8 @@ def test_oriented_edge_stem_filters_answer_to_their_orientation() -> None:
 def test_binding_probe_measures_every_layer_and_splits_colour_questions_by_outcome() -> None:
     from pio_fvlm import shapes_vlm as sv
 
-    binding = load_script("examples/probe_binding.py")  # it imports the ridge probe from its neighbour
-    model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
+    binding = load_script("training/probe_binding.py")  # it imports the ridge probe from its neighbour
+    model = tv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
     model.set_attn_implementation("eager")
     items = sv.eval_set_with_owners(30, seed=5)
     image_id = sv.word_ids()[sv.IMAGE_TOKEN]

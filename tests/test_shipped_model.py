@@ -44,3 +44,17 @@ def test_chat_template_gives_the_trained_prompt_and_generation_ends_after_the_an
             out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
         answer = out[0, inputs["input_ids"].shape[1]:].tolist()
         assert len(answer) == 1 and syn.VOCAB[answer[0]] in syn.ANSWER_WORDS  # one word, then generation ends
+
+
+def test_training_code_rebuilds_the_shipped_processor_and_generation_settings():
+    from transformers import AutoProcessor, GenerationConfig
+
+    import tiny_vlm as tv  # training/, on the test path
+
+    built = tv.build_processor()
+    shipped = AutoProcessor.from_pretrained(sv.ASSET_DIR)
+    assert built.chat_template == shipped.chat_template
+    assert built.tokenizer.get_vocab() == shipped.tokenizer.get_vocab()
+    model = tv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
+    tv.end_generation_after_the_answer(model)
+    assert model.generation_config.eos_token_id == GenerationConfig.from_pretrained(sv.ASSET_DIR).eos_token_id

@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 
+import tiny_vlm as tv  # training/, on the test path
 from pio_fvlm import synthetic as syn
 
 
@@ -36,9 +37,9 @@ def test_packed_training_pairs_see_only_the_image_and_themselves():
 
     from pio_fvlm import shapes_vlm as sv
 
-    model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
-    batch = sv.training_batch(random.Random(0), 2, 3, pairs=5)
-    sv.pop_targets(batch)
+    model = tv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
+    batch = tv.training_batch(random.Random(0), 2, 3, pairs=5)
+    tv.pop_targets(batch)
     labels = batch.pop("labels")
     with torch.no_grad():
         packed = model(**batch).logits
@@ -96,17 +97,17 @@ def test_tokens_dropped_in_training_are_pruned_tokens():
     from pio_fvlm import shapes_vlm as sv
     from pio_fvlm.select.baselines import top_by_visual_score
 
-    model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=3)
-    batch = sv.training_batch(random.Random(0), 3, 3, pairs=1)
-    patch_labels = sv.pop_targets(batch)["patch_labels"]
+    model = tv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=3)
+    batch = tv.training_batch(random.Random(0), 3, 3, pairs=1)
+    patch_labels = tv.pop_targets(batch)["patch_labels"]
     batch.pop("labels")
-    keep = sv.token_keep(patch_labels, random.Random(1), share=1.0)
+    keep = tv.token_keep(patch_labels, random.Random(1), share=1.0)
     counts = keep.sum(1)
     assert ((counts >= 16) & (counts <= sv.N_VISUAL)).all() and (counts < sv.N_VISUAL).any()
-    assert sv.token_keep(patch_labels, random.Random(1), share=0.0).all()
+    assert tv.token_keep(patch_labels, random.Random(1), share=0.0).all()
 
     columns: list[torch.Tensor] = []
-    sv.hide_dropped_tokens(model.model.language_model.layers, 1, columns)
+    tv.hide_dropped_tokens(model.model.language_model.layers, 1, columns)
     text_len = batch["input_ids"].shape[1] - sv.N_VISUAL
     columns.append(torch.cat([keep, torch.ones(3, text_len, dtype=torch.bool)], dim=1))
     model.train()  # the hooks act in training only (no dropout in this config)
@@ -140,15 +141,15 @@ def test_deepened_language_model_answers_as_before_and_trains_its_new_layers():
 
     from pio_fvlm import shapes_vlm as sv
 
-    model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
-    batch = sv.training_batch(random.Random(3), 2, 3, pairs=3)
-    sv.pop_targets(batch)
+    model = tv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
+    batch = tv.training_batch(random.Random(3), 2, 3, pairs=3)
+    tv.pop_targets(batch)
     with torch.no_grad():
         before = model(**batch).logits
         prompt = batch["input_ids"][:1, : sv.N_VISUAL + 6]
         pixels = batch["pixel_values"][:1]
         generated = model.generate(input_ids=prompt, pixel_values=pixels, max_new_tokens=4, do_sample=False)
-    assert sv.deepen_language_model(model, 4) == 2
+    assert tv.deepen_language_model(model, 4) == 2
     assert model.config.text_config.num_hidden_layers == 4 == len(model.model.language_model.layers)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before)
@@ -160,14 +161,13 @@ def test_deepened_language_model_answers_as_before_and_trains_its_new_layers():
         assert layer.self_attn.o_proj.weight.grad.abs().sum() > 0
         assert layer.mlp.down_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="only adds layers"):
-        sv.deepen_language_model(model, 3)
+        tv.deepen_language_model(model, 3)
 
 
 def test_question_weights_change_the_mix_of_training_questions():
-    from pio_fvlm import shapes_vlm as sv
 
     def color_share(**kwargs) -> float:
-        batch = sv.training_batch(random.Random(5), 4, 4, pairs=16, **kwargs)
+        batch = tv.training_batch(random.Random(5), 4, 4, pairs=16, **kwargs)
         words = [syn.VOCAB[int(t)] for t in batch["input_ids"].flatten()]
         return words.count("color") / (4 * 16)
 
@@ -183,16 +183,15 @@ def test_deepened_vision_tower_answers_as_before_and_its_last_layer_is_read():
     import pytest
     import torch
 
-    from pio_fvlm import shapes_vlm as sv
 
     def small() -> torch.nn.Module:
-        return sv.build_model(seed=4, vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
+        return tv.build_model(seed=4, vision_width=32, vision_layers=1, text_width=32, text_layers=2).eval()
 
     model, grown = small(), small()
-    assert sv.deepen_vision_tower(grown, 3) == 2
+    assert tv.deepen_vision_tower(grown, 3) == 2
     assert grown.config.vision_config.num_hidden_layers == 3 == len(grown.model.vision_tower.encoder.layers)
-    batch = sv.training_batch(random.Random(3), 2, 3, pairs=3)
-    sv.pop_targets(batch)
+    batch = tv.training_batch(random.Random(3), 2, 3, pairs=3)
+    tv.pop_targets(batch)
     with torch.no_grad():
         torch.testing.assert_close(grown(**batch).logits, model(**batch).logits, rtol=0, atol=0)
         grown.model.vision_tower.encoder.layers[-1].mlp.fc2.bias.add_(0.5)  # the new last layer is read
@@ -203,13 +202,13 @@ def test_deepened_vision_tower_answers_as_before_and_its_last_layer_is_read():
         assert layer.self_attn.out_proj.weight.grad.abs().sum() > 0
         assert layer.mlp.fc2.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="first forward"):
-        sv.deepen_vision_tower(grown, 4)
+        tv.deepen_vision_tower(grown, 4)
     fresh = small()
     with pytest.raises(ValueError, match="only adds layers"):
-        sv.deepen_vision_tower(fresh, 0)
+        tv.deepen_vision_tower(fresh, 0)
     fresh.config.vision_feature_layer = -2
     with pytest.raises(ValueError, match="not the last one"):
-        sv.deepen_vision_tower(fresh, 3)
+        tv.deepen_vision_tower(fresh, 3)
 
 
 def test_balanced_patch_loss_weighs_object_patches_as_much_as_the_background():
@@ -217,31 +216,29 @@ def test_balanced_patch_loss_weighs_object_patches_as_much_as_the_background():
 
     import torch
 
-    from pio_fvlm import shapes_vlm as sv
 
     labels = torch.zeros(2, 3, 576, dtype=torch.long)
     labels[:, :, :20] = 1  # 20 of 576 patches per image on an object
-    logits = torch.zeros(2, 576, sum(sv.PATCH_CLASSES))
+    logits = torch.zeros(2, 576, sum(tv.PATCH_CLASSES))
     # sure of "background" everywhere: right on the background, badly wrong on the object patches
-    for start in (0, sv.PATCH_CLASSES[0], sv.PATCH_CLASSES[0] + sv.PATCH_CLASSES[1]):
+    for start in (0, tv.PATCH_CLASSES[0], tv.PATCH_CLASSES[0] + tv.PATCH_CLASSES[1]):
         logits[..., start] = 30.0
-    plain = sv.patch_attribute_loss(logits, labels).item()
-    balanced = sv.patch_attribute_loss(logits, labels, balanced=True).item()
+    plain = tv.patch_attribute_loss(logits, labels).item()
+    balanced = tv.patch_attribute_loss(logits, labels, balanced=True).item()
     assert math.isclose(plain, 30.0 * 20 / 576, rel_tol=1e-4)  # the object patches' share of the mean
     assert math.isclose(balanced, 30.0 / 2, rel_tol=1e-4)  # half the weight, whatever their number
     uniform = torch.zeros_like(logits)  # the same loss on every patch: both means agree
-    expected = sum(math.log(c) for c in sv.PATCH_CLASSES) / 3
-    assert math.isclose(sv.patch_attribute_loss(uniform, labels, balanced=True).item(), expected, rel_tol=1e-5)
-    assert math.isclose(sv.patch_attribute_loss(uniform, labels).item(), expected, rel_tol=1e-5)
+    expected = sum(math.log(c) for c in tv.PATCH_CLASSES) / 3
+    assert math.isclose(tv.patch_attribute_loss(uniform, labels, balanced=True).item(), expected, rel_tol=1e-5)
+    assert math.isclose(tv.patch_attribute_loss(uniform, labels).item(), expected, rel_tol=1e-5)
 
 
 def test_grid_sincos_similarity_depends_only_on_the_offset():
     import pytest
     import torch
 
-    from pio_fvlm import shapes_vlm as sv
 
-    code = sv.grid_sincos(6, 16)
+    code = tv.grid_sincos(6, 16)
     assert code.shape == (36, 16)
 
     def at(row: int, col: int) -> torch.Tensor:
@@ -252,7 +249,7 @@ def test_grid_sincos_similarity_depends_only_on_the_offset():
     assert not torch.isclose(at(0, 0) @ at(1, 2), at(0, 0) @ at(2, 2), atol=1e-3)
     assert torch.allclose(code.norm(dim=1), torch.full((36,), 8**0.5))  # dim / 2 unit sin-cos pairs
     with pytest.raises(ValueError, match="multiple of 4"):
-        sv.grid_sincos(6, 18)
+        tv.grid_sincos(6, 18)
 
 
 def test_boosted_patch_positions_add_the_scaled_grid_code_and_leave_cls_alone():
@@ -263,10 +260,10 @@ def test_boosted_patch_positions_add_the_scaled_grid_code_and_leave_cls_alone():
     from pio_fvlm import shapes_vlm as sv
     from pio_fvlm import synthetic as syn
 
-    model = sv.build_model(seed=2, vision_width=32, vision_layers=1, text_width=32, text_layers=1)
+    model = tv.build_model(seed=2, vision_width=32, vision_layers=1, text_width=32, text_layers=1)
     embeddings = model.model.vision_tower.embeddings
     before = embeddings.position_embedding.weight.detach().clone()
-    norm = sv.boost_patch_positions(model, 0.5, seed=7)
+    norm = tv.boost_patch_positions(model, 0.5, seed=7)
     added = embeddings.position_embedding.weight.detach() - before
     assert torch.equal(added[0], torch.zeros(32))  # [CLS]
     rng = random.Random(7)  # the patch embeddings' norm the code is scaled to, measured again
@@ -274,7 +271,7 @@ def test_boosted_patch_positions_add_the_scaled_grid_code_and_leave_cls_alone():
     with torch.no_grad():
         patch_norm = embeddings.patch_embedding(sv.pixels(scenes)).flatten(2).norm(dim=1).mean().item()
     assert abs(norm - 0.5 * patch_norm) < 1e-4 * patch_norm
-    code = sv.grid_sincos(24, 32)
+    code = tv.grid_sincos(24, 32)
     torch.testing.assert_close(added[1:], code / code.norm(dim=1, keepdim=True) * norm, rtol=1e-5, atol=1e-5)
 
 
@@ -283,26 +280,25 @@ def test_patch_loss_weights_and_object_patch_accuracy():
 
     import torch
 
-    from pio_fvlm import shapes_vlm as sv
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.zeros(2, 3, 576, dtype=torch.long)
     labels[:, 0, :40], labels[:, 1, :40], labels[:, 2, :40] = 2, 3, 1  # 40 patches of a green triangle, left
-    logits = torch.randn(2, 576, sum(sv.PATCH_CLASSES), generator=gen)
-    colour, shape, column = logits.split(sv.PATCH_CLASSES, dim=-1)
+    logits = torch.randn(2, 576, sum(tv.PATCH_CLASSES), generator=gen)
+    colour, shape, column = logits.split(tv.PATCH_CLASSES, dim=-1)
     shape_only = torch.nn.functional.cross_entropy(shape.flatten(0, 1), labels[:, 1].flatten())
-    assert math.isclose(sv.patch_attribute_loss(logits, labels, weights=(0.0, 1.0, 0.0)).item(), shape_only.item(),
+    assert math.isclose(tv.patch_attribute_loss(logits, labels, weights=(0.0, 1.0, 0.0)).item(), shape_only.item(),
                         rel_tol=1e-5)
-    parts = [sv.patch_attribute_loss(logits, labels, weights=w).item() for w in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
-    weighted = sv.patch_attribute_loss(logits, labels, weights=(1.0, 4.0, 1.0)).item()
+    parts = [tv.patch_attribute_loss(logits, labels, weights=w).item() for w in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
+    weighted = tv.patch_attribute_loss(logits, labels, weights=(1.0, 4.0, 1.0)).item()
     assert math.isclose(weighted, (parts[0] + 4 * parts[1] + parts[2]) / 6, rel_tol=1e-5)
 
     # accuracy counts object patches only: right colour on all of them, right shape on a quarter
-    logits = torch.zeros(2, 576, sum(sv.PATCH_CLASSES))
+    logits = torch.zeros(2, 576, sum(tv.PATCH_CLASSES))
     logits[..., 2] = 5.0  # colour class 2 everywhere (wrong on the background, not counted)
-    logits[:, :10, sv.PATCH_CLASSES[0] + 3] = 5.0  # shape 3 on the first 10 of the 40 object patches
-    logits[:, :, sum(sv.PATCH_CLASSES[:2]) + 2] = 5.0  # column 2 everywhere: wrong on every object patch
-    assert sv.patch_attribute_accuracy(logits, labels) == [1.0, 0.25, 0.0]
+    logits[:, :10, tv.PATCH_CLASSES[0] + 3] = 5.0  # shape 3 on the first 10 of the 40 object patches
+    logits[:, :, sum(tv.PATCH_CLASSES[:2]) + 2] = 5.0  # column 2 everywhere: wrong on every object patch
+    assert tv.patch_attribute_accuracy(logits, labels) == [1.0, 0.25, 0.0]
 
 
 def test_focus_targets_and_recomputed_head_attention_match_the_model():
@@ -313,8 +309,8 @@ def test_focus_targets_and_recomputed_head_attention_match_the_model():
 
     from pio_fvlm import shapes_vlm as sv
 
-    batch = sv.training_batch(random.Random(2), 3, 4, pairs=6)
-    targets = sv.pop_targets(batch)
+    batch = tv.training_batch(random.Random(2), 3, 4, pairs=6)
+    targets = tv.pop_targets(batch)
     query, tokens = targets["focus_query"], targets["focus_tokens"]
     ids, words = batch["input_ids"], {v: k for k, v in sv.word_ids().items()}
     colour_of = {i + 1: c for i, c in enumerate(syn.COLORS)}
@@ -339,11 +335,11 @@ def test_focus_targets_and_recomputed_head_attention_match_the_model():
     counting = [(b, p) for b, p in (query < 0).nonzero().tolist()]
     assert all(not tokens[b, p].any() for b, p in counting)
 
-    model = sv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=3)
+    model = tv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=3)
     model.set_attn_implementation("eager")
-    keep = sv.token_keep(targets["patch_labels"], random.Random(1), share=1.0)
+    keep = tv.token_keep(targets["patch_labels"], random.Random(1), share=1.0)
     columns: list[torch.Tensor] = []
-    sv.hide_dropped_tokens(model.model.language_model.layers, 1, columns)
+    tv.hide_dropped_tokens(model.model.language_model.layers, 1, columns)
     columns.append(torch.cat([keep, torch.ones(3, ids.shape[1] - sv.N_VISUAL, dtype=torch.bool)], dim=1))
     captured: list[dict] = []
     attention = model.model.language_model.layers[2].self_attn
@@ -355,13 +351,13 @@ def test_focus_targets_and_recomputed_head_attention_match_the_model():
     with torch.no_grad():
         out = model(**batch, attention_mask=additive, output_attentions=True)
         kw = captured[-1]
-        weights = sv.head_attention(attention, kw["hidden_states"], kw["position_embeddings"],
+        weights = tv.head_attention(attention, kw["hidden_states"], kw["position_embeddings"],
                                     kw["attention_mask"], 1, query)
     eager = out.attentions[2][:, 1]  # (B, L, L)
     for b, p in (query >= 0).nonzero().tolist():
         torch.testing.assert_close(weights[b, p], eager[b, int(query[b, p])], rtol=1e-4, atol=1e-6)
         assert (weights[b, p, : sv.N_VISUAL][~keep[b]] == 0).all()  # hidden tokens get nothing
-    loss = sv.focus_loss(weights, query, tokens & keep[:, None, :])
+    loss = tv.focus_loss(weights, query, tokens & keep[:, None, :])
     use = (query >= 0) & (tokens & keep[:, None, :]).any(-1)
     mass = (weights[..., : sv.N_VISUAL] * (tokens & keep[:, None, :])).sum(-1)[use]
     torch.testing.assert_close(loss, -(mass + 1e-6).log().mean())
@@ -393,19 +389,18 @@ def test_relative_focus_loss_ignores_the_background_and_single_object_scenes() -
     weights[0, 2, 30] = weights[0, 2, 40] = 0.01
     weights[0, 2, 200] = 0.98
     query = torch.tensor([[7, 8, 9]])
-    got = sv.focus_loss(weights, query, tokens, among=among)
+    got = tv.focus_loss(weights, query, tokens, among=among)
     want = (-math.log(0.4 / 0.6) + math.log(2)) / 2  # pairs 0 and 2 only; background ignored
     assert abs(got.item() - want) < 1e-4
-    plain = sv.focus_loss(weights, query, tokens)  # the plain loss counts the background, all 3 pairs
+    plain = tv.focus_loss(weights, query, tokens)  # the plain loss counts the background, all 3 pairs
     assert abs(plain.item() - (-math.log(0.4) - math.log(0.5) - math.log(0.01)) / 3) < 1e-4
     query[0, 0] = query[0, 2] = -1  # no pair left with another object: zero, not NaN
-    assert sv.focus_loss(weights, query, tokens, among=among).item() == 0.0
+    assert tv.focus_loss(weights, query, tokens, among=among).item() == 0.0
 
 
 def test_object_shape_logits_pool_each_objects_tokens_and_name_its_shape() -> None:
     import torch
 
-    from pio_fvlm import shapes_vlm as sv
 
     labels = torch.zeros(1, 3, 576, dtype=torch.long)
     labels[0, :2, 0:10] = torch.tensor([[1], [2]])  # colour 1, shape 2 (a square): patches 0-9
@@ -413,7 +408,7 @@ def test_object_shape_logits_pool_each_objects_tokens_and_name_its_shape() -> No
     features = torch.randn(1, 576, 3) * 10  # the background: noise that must not enter the pools
     features[0, 0:10] = torch.tensor([1.0, 2.0, 3.0]) + torch.arange(10.0)[:, None]
     features[0, 20:25] = torch.tensor([-1.0, 0.0, 5.0])
-    logits, shapes = sv.object_shape_logits(features, labels, torch.nn.Identity())
+    logits, shapes = tv.object_shape_logits(features, labels, torch.nn.Identity())
     assert shapes.tolist() == [1, 0]  # shape indices into SHAPES: square, circle
     assert torch.allclose(logits, torch.tensor([[5.5, 6.5, 7.5], [-1.0, 0.0, 5.0]]))
 
@@ -421,7 +416,6 @@ def test_object_shape_logits_pool_each_objects_tokens_and_name_its_shape() -> No
 def test_auxiliary_loss_both_puts_shape_in_every_patch_pooled_only_in_the_mean() -> None:
     import torch
 
-    from pio_fvlm import shapes_vlm as sv
 
     labels = torch.zeros(2, 3, 576, dtype=torch.long)
     labels[:, :, 0:10] = torch.tensor([1, 2, 1])[:, None]  # colour 1, square, column 1
@@ -430,11 +424,11 @@ def test_auxiliary_loss_both_puts_shape_in_every_patch_pooled_only_in_the_mean()
     features = torch.randn(2, 576, 8)
     shape_head = torch.nn.Linear(8, 3)
     weights = (1.0, 4.0, 1.0)
-    n_classes, shape_part = sum(sv.PATCH_CLASSES), slice(sv.PATCH_CLASSES[0], sum(sv.PATCH_CLASSES[:2]))
+    n_classes, shape_part = sum(tv.PATCH_CLASSES), slice(tv.PATCH_CLASSES[0], sum(tv.PATCH_CLASSES[:2]))
 
     def shape_gradient(target: str) -> tuple[torch.Tensor, torch.Tensor]:
         logits = torch.randn(2, 576, n_classes, generator=torch.Generator().manual_seed(1), requires_grad=True)
-        loss, seen = sv.auxiliary_loss(logits, features, labels, shape_head, target, weights=weights, balanced=True)
+        loss, seen = tv.auxiliary_loss(logits, features, labels, shape_head, target, weights=weights, balanced=True)
         loss.backward()
         return loss.detach(), logits.grad[..., shape_part].abs().sum()
 
@@ -446,20 +440,20 @@ def test_auxiliary_loss_both_puts_shape_in_every_patch_pooled_only_in_the_mean()
     assert shape_gradient("both")[1] > 0 and shape_gradient("patch")[1] > 0
 
     logits = torch.randn(2, 576, n_classes, generator=torch.Generator().manual_seed(1))
-    per_patch = sv.patch_attribute_loss(logits, labels, balanced=True, weights=weights)
-    patch_only, _ = sv.auxiliary_loss(logits, features, labels, shape_head, "patch", weights=weights, balanced=True)
+    per_patch = tv.patch_attribute_loss(logits, labels, balanced=True, weights=weights)
+    patch_only, _ = tv.auxiliary_loss(logits, features, labels, shape_head, "patch", weights=weights, balanced=True)
     torch.testing.assert_close(patch_only, per_patch)
-    pooled_logits, shapes = sv.object_shape_logits(features, labels, shape_head)
+    pooled_logits, shapes = tv.object_shape_logits(features, labels, shape_head)
     pooled = torch.nn.functional.cross_entropy(pooled_logits, shapes)
-    both, _ = sv.auxiliary_loss(logits, features, labels, shape_head, "both", weights=weights, balanced=True)
+    both, _ = tv.auxiliary_loss(logits, features, labels, shape_head, "both", weights=weights, balanced=True)
     torch.testing.assert_close(both, (per_patch * 6 + 4 * pooled) / 10)  # shape's weight counts twice
-    colour_column = sv.patch_attribute_loss(logits, labels, balanced=True, weights=(1.0, 0.0, 1.0))
-    pooled_only, seen = sv.auxiliary_loss(logits, features, labels, shape_head, "pooled", weights=weights,
+    colour_column = tv.patch_attribute_loss(logits, labels, balanced=True, weights=(1.0, 0.0, 1.0))
+    pooled_only, seen = tv.auxiliary_loss(logits, features, labels, shape_head, "pooled", weights=weights,
                                           balanced=True)
     torch.testing.assert_close(pooled_only, (colour_column * 2 + 4 * pooled) / 6)
     assert seen[1] == float((pooled_logits.argmax(-1) == shapes).float().mean())  # per object, not per patch
     try:
-        sv.auxiliary_loss(logits, features, labels, shape_head, "edges")
+        tv.auxiliary_loss(logits, features, labels, shape_head, "edges")
     except ValueError as error:
         assert "'patch', 'pooled' or 'both'" in str(error)
     else:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+import tiny_vlm as tv  # training/, on the test path
 from conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_vlm.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_tiny_vlm.py"
 
 
 def _train(out: Path, steps: int, *extra: str) -> None:
@@ -36,9 +37,8 @@ def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], pa
 
 
 def test_vision_first_trains_the_tower_then_the_language_model_with_the_tower_frozen(tmp_path: Path) -> None:
-    from pio_fvlm import shapes_vlm as sv
 
-    fresh = sv.build_model(vision_layers=3).state_dict()
+    fresh = tv.build_model(vision_layers=3).state_dict()
     _train(tmp_path, 2)  # the vision-only stage: steps 0 and 1
     model = _load(tmp_path / "model")
     tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
@@ -58,7 +58,6 @@ def test_vision_first_trains_the_tower_then_the_language_model_with_the_tower_fr
 
 
 def test_stem_pooled_shape_target_and_a_tower_learning_rate_of_its_own(tmp_path: Path) -> None:
-    from pio_fvlm import shapes_vlm as sv
 
     args = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "model"), "--state-dir", str(tmp_path / "state"),
             "--batch", "2", "--pairs", "2", "--eval-every", "1000", "--save-every", "1", "--vision-first", "1",
@@ -69,13 +68,13 @@ def test_stem_pooled_shape_target_and_a_tower_learning_rate_of_its_own(tmp_path:
         assert done.returncode == 0, done.stderr[-3000:]
         if steps == "1":
             first = _load(tmp_path / "model").state_dict()
-    stemmed = sv.build_model(vision_layers=3)
-    sv.oriented_edge_stem(stemmed)
+    stemmed = tv.build_model(vision_layers=3)
+    tv.oriented_edge_stem(stemmed)
     name = next(n for n in first if n.endswith("embeddings.patch_embedding.weight"))
     start = stemmed.state_dict()[name]
     # one warmup step (lr 1e-5) away from the stem, and far from the random filters it replaced
     assert torch.allclose(first[name][:72], start[:72], atol=1e-3)
-    assert not torch.allclose(sv.build_model(vision_layers=3).state_dict()[name][:72], start[:72], atol=1e-2)
+    assert not torch.allclose(tv.build_model(vision_layers=3).state_dict()[name][:72], start[:72], atol=1e-2)
     second = _load(tmp_path / "model").state_dict()
     assert not _changed(first, second, "vision_tower"), "--tower-lr 0 let the tower change in the joint stage"
     assert _changed(first, second, "language_model") and _changed(first, second, "multi_modal_projector")
@@ -83,7 +82,7 @@ def test_stem_pooled_shape_target_and_a_tower_learning_rate_of_its_own(tmp_path:
 
 def _script_module():
     """The training script imported as a module, for its pure helpers (schedules)."""
-    return load_script("examples/train_tiny_vlm.py")
+    return load_script("training/train_tiny_vlm.py")
 
 
 def test_seed_changes_the_run_and_seed_zero_is_the_default(tmp_path: Path) -> None:
@@ -161,10 +160,9 @@ def test_pooled_shape_target_becomes_both_at_the_given_step() -> None:
 
 
 def test_parameter_groups_split_the_tower_from_the_rest_with_the_heads_last() -> None:
-    from pio_fvlm import shapes_vlm as sv
 
     script = _script_module()
-    model = sv.build_model()
+    model = tv.build_model()
     head_a, head_b = torch.nn.Linear(4, 2), torch.nn.Linear(2, 3)
     tower, rest = script.parameter_groups(model, head_a, head_b)
     assert [id(t) for t in tower] == [id(t) for t in model.model.vision_tower.parameters()]

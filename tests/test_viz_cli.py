@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiny_vlm as tv  # training/, on the test path
 from pio_fvlm import cli
 from pio_fvlm import shapes_vlm as sv
 from pio_fvlm import synthetic as syn
@@ -31,7 +32,7 @@ def test_kept_grids_and_drawing():
 
 
 def test_run_command_on_a_local_folder(tmp_path, capsys):
-    model, processor = sv.build_model(), sv.build_processor()
+    model, processor = tv.build_model(), tv.build_processor()
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
     rng = __import__("random").Random(0)
@@ -68,7 +69,7 @@ def test_shapes_task_is_consistent():
         objects = syn.random_scene(rng, rng.randint(1, 4))
         for qa in syn.questions(objects, rng):
             assert qa.answer in syn.VOCAB and all(w in syn.VOCAB for w in qa.question.split())
-    batch = sv.training_batch(rng, 2, 2)
+    batch = tv.training_batch(rng, 2, 2)
     assert batch["input_ids"].shape[0] == 2 and (batch["labels"] != -100).sum() == 16
     # every labelled position holds its answer word right after "answer"
     ids = sv.word_ids()

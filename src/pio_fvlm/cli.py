@@ -51,7 +51,7 @@ def demo(argv: list[str]) -> int:
     p.add_argument("--out", default="pio_fvlm_demo.png", help="where to write the kept-token picture")
     args = p.parse_args(argv)
     if not (sv.ASSET_DIR / "model.safetensors").exists():
-        print(f"no shipped model at {sv.ASSET_DIR}; train it with examples/train_tiny_vlm.py")
+        print(f"no shipped model at {sv.ASSET_DIR}; train it with training/train_tiny_vlm.py")
         return 1
     model = LlavaForConditionalGeneration.from_pretrained(sv.ASSET_DIR).eval()
     processor = AutoProcessor.from_pretrained(sv.ASSET_DIR)

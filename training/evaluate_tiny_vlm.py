@@ -1,7 +1,7 @@
 """All-token accuracy of a tiny-shapes checkpoint on the splits docs/quality.md reports.
 
-    python examples/evaluate_tiny_vlm.py --model src/pio_fvlm/assets/tiny-llava-shapes   # ~3 min
-    python examples/evaluate_tiny_vlm.py --model runs/eight --out runs/eight/eval.json
+    python training/evaluate_tiny_vlm.py --model src/pio_fvlm/assets/tiny-llava-shapes   # ~3 min
+    python training/evaluate_tiny_vlm.py --model runs/eight --out runs/eight/eval.json
 
 One line per split, ``<split> <json>`` (overall, per question type, per object count), the format
 of the ``eval.txt`` files in ``benchmarks/results/one-run-*``:

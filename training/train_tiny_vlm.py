@@ -1,10 +1,10 @@
 """Train the tiny LLaVA on the synthetic shapes task; resumable.
 
-    python examples/train_tiny_vlm.py                  # 2,500 steps, about 1 h on 2 CPU cores
-    python examples/train_tiny_vlm.py                  # again: resumes where it stopped
-    python examples/train_tiny_vlm.py --steps 6000 --lr 1e-3   # extend a finished run (the cosine
+    python training/train_tiny_vlm.py                  # 2,500 steps, about 1 h on 2 CPU cores
+    python training/train_tiny_vlm.py                  # again: resumes where it stopped
+    python training/train_tiny_vlm.py --steps 6000 --lr 1e-3   # extend a finished run (the cosine
                                                                # schedule spans the new total)
-    python examples/train_tiny_vlm.py --steps 12000 --lr 6e-4 --restart-schedule --drop 0.5
+    python training/train_tiny_vlm.py --steps 12000 --lr 6e-4 --restart-schedule --drop 0.5
                                   # extend with a fresh warmup + cosine, thinning the visual tokens
                                   # of half the sequences from decoder layer 1 on (the shipped
                                   # checkpoint's last run; see docs/quality.md)
@@ -21,7 +21,7 @@ Stages for a model that must bind attributes (docs/quality.md has the measured h
 The shipped checkpoint, in one run from scratch (1 h 33 min on 2 CPU cores; 93.0 % on the test split,
 docs/quality.md, the twelfth one-run try):
 
-    python examples/train_tiny_vlm.py --out runs/twelve --state-dir runs/twelve-state --steps 3400 \\
+    python training/train_tiny_vlm.py --out runs/twelve --state-dir runs/twelve-state --steps 3400 \\
         --vision-first 400 --ramp 1000 --vision-layers 4 --position-boost 6.0 --aux-balanced \\
         --aux-weights 1,4,1 --focus 1.0 --focus-relative 1.0 --drop 0.5 \\
         --question-weights color=2,position=1.5,count=0.5 --stem --aux-shape pooled \\
@@ -30,7 +30,7 @@ docs/quality.md, the twelfth one-run try):
 How it was found (each try from scratch; docs/quality.md has every command and result). The first
 (stop 15, 82.7 %):
 
-    python examples/train_tiny_vlm.py --out runs/one --state-dir runs/one-state --steps 3800 \\
+    python training/train_tiny_vlm.py --out runs/one --state-dir runs/one-state --steps 3800 \\
         --vision-first 1200 --ramp 1000 --vision-layers 4 --position-boost 6.0 \\
         --aux-balanced --aux-weights 1,4,1 --focus 1.0 --drop 0.5 \\
         --question-weights color=2,position=1.5,count=0.5
@@ -39,13 +39,13 @@ How it was found (each try from scratch; docs/quality.md has every command and r
     # column unreadable); --freeze-tower would save ~30 % per step but only after a tower
     # that already sees shape (the vision-only steps alone did not teach it from scratch)
     # (why: the per-patch shape target is ill-posed for interior patches and --vision-lr 2e-3 is
-    # too high for a fresh tower; examples/probe_tower_shape.py and docs/quality.md, stop 17)
+    # too high for a fresh tower; training/probe_tower_shape.py and docs/quality.md, stop 17)
 
 A third try (stop 17, docs/quality.md: cut at step 2,000 by the session, 67.3 % test; not a two-hour result) adds
 what the tower-shape diagnosis points to: --stem --aux-shape pooled --vision-lr 2e-4 --tower-lr 2e-4
 (same command otherwise, --steps 2200 --vision-first 400). Run for --steps 3400 (stop 18, 2 h 3 min) it
 reached 86.0 % test, colour questions 66 - 71 %: its tokens carry shape only in an object's mean, so the
---focus head cannot find the named object (examples/probe_binding.py). --aux-shape both (stop 19) adds
+--focus head cannot find the named object (training/probe_binding.py). --aux-shape both (stop 19) adds
 the per-token target back: that run (stop 20) binds colour (100 %) but learnt shape per token late, 84.0 %
 test. In the --vision-first stage --tower-lr now holds for the tower alone (the projector and heads at
 --vision-lr): a seventh try (--vision-first 1200 --vision-lr 2e-3 --tower-lr 2e-4 --steps 3800) was no better.
@@ -82,6 +82,7 @@ from pathlib import Path
 
 import torch
 
+import tiny_vlm as tv
 from pio_fvlm import shapes_vlm as sv
 
 
@@ -245,18 +246,18 @@ def main() -> None:
         model = LlavaForConditionalGeneration.from_pretrained(out)
         print(f"resuming at step {info['step']}")
     else:  # from scratch: a tower of --vision-layers random layers rather than identities appended
-        model = sv.build_model(seed=args.seed, vision_layers=args.vision_layers or 2)
+        model = tv.build_model(seed=args.seed, vision_layers=args.vision_layers or 2)
         if args.stem:
-            print(f"oriented-edge stem: {sv.oriented_edge_stem(model)} patch filters")
-    grown = sv.deepen_language_model(model, args.text_layers) if args.text_layers else 0
+            print(f"oriented-edge stem: {tv.oriented_edge_stem(model)} patch filters")
+    grown = tv.deepen_language_model(model, args.text_layers) if args.text_layers else 0
     if grown:
         print(f"added {grown} identity decoder layers: {args.text_layers} in all")
-    grown_vision = sv.deepen_vision_tower(model, args.vision_layers) if args.vision_layers else 0
+    grown_vision = tv.deepen_vision_tower(model, args.vision_layers) if args.vision_layers else 0
     if grown_vision:
         print(f"added {grown_vision} identity vision layers: {args.vision_layers} in all")
     grown += grown_vision
     if args.position_boost and "position_boost_at" not in info:
-        norm = sv.boost_patch_positions(model, args.position_boost)
+        norm = tv.boost_patch_positions(model, args.position_boost)
         info["position_boost_at"] = info["step"]  # saved with the weights: a resume must not add it twice
         print(f"added a 2-D position code of norm {norm:.2f} to the patch position embeddings")
     kind_weights = {}
@@ -282,7 +283,7 @@ def main() -> None:
         p.error("--restart-lr is the peak from --restart-at on: give --restart-at too")
     model.train()
     width = model.config.text_config.hidden_size
-    aux_head = torch.nn.Linear(width, sum(sv.PATCH_CLASSES))
+    aux_head = torch.nn.Linear(width, sum(tv.PATCH_CLASSES))
     # per-dimension standardisation: the pooled features differ by a few % of their shared norm
     shape_head = torch.nn.Sequential(
         torch.nn.BatchNorm1d(width, affine=False), torch.nn.Linear(width, len(sv.syn.SHAPES))
@@ -302,7 +303,7 @@ def main() -> None:
             lambda m, a, kw: focus_inputs.append(kw) if m.training else None, with_kwargs=True)
     keep_columns: list[torch.Tensor] = []
     if args.drop:
-        sv.hide_dropped_tokens(model.model.language_model.layers, args.drop_layer, keep_columns)
+        tv.hide_dropped_tokens(model.model.language_model.layers, args.drop_layer, keep_columns)
     tower, rest = parameter_groups(model, aux_head, shape_head)
     optimizer = torch.optim.AdamW([{"params": tower}, {"params": rest}], lr=args.lr, weight_decay=0.01)
     opt_path, aux_path = state_dir / "optimizer.pt", state_dir / "aux_head.pt"
@@ -317,7 +318,7 @@ def main() -> None:
             heads = {"aux": heads, "shape": shape_head.state_dict()}
         aux_head.load_state_dict(heads["aux"])
         shape_head.load_state_dict(heads["shape"])
-    processor = sv.build_processor()
+    processor = tv.build_processor()
     split = sv.eval_set(150, seed=sv.VALIDATION_SEED)  # not the test split benchmarks/quality.py reports on
     rng = random.Random(1234 + info["step"] + 1_000_003 * args.seed)  # seed 0: the recorded runs' data
     n_params = sum(p.numel() for p in model.parameters())
@@ -335,12 +336,12 @@ def main() -> None:
         if args.freeze_tower and not vision_only:
             model.model.vision_tower.requires_grad_(False)
         objects = curriculum(step - stage_start, args.ramp)
-        batch = sv.training_batch(rng, args.batch, objects, pairs=args.pairs, kind_weights=kind_weights or None)
-        targets = sv.pop_targets(batch)
-        patch_labels, focus_query, focus_tokens = (targets[name] for name in sv.TRAINING_TARGETS)
+        batch = tv.training_batch(rng, args.batch, objects, pairs=args.pairs, kind_weights=kind_weights or None)
+        targets = tv.pop_targets(batch)
+        patch_labels, focus_query, focus_tokens = (targets[name] for name in tv.TRAINING_TARGETS)
         objects_seen = (patch_labels[:, 0] > 0)[:, None, :]  # (B, 1, 576): every object's tokens
         if args.drop:
-            keep = sv.token_keep(patch_labels, rng, args.drop)
+            keep = tv.token_keep(patch_labels, rng, args.drop)
             text = torch.ones(keep.shape[0], batch["input_ids"].shape[1] - keep.shape[1], dtype=torch.bool)
             keep_columns[:] = [torch.cat([keep, text], dim=1)]  # the image comes first in every row
             if args.drop_layer <= args.focus_layer:  # hidden tokens cannot be looked at
@@ -355,12 +356,12 @@ def main() -> None:
             answer_loss = loss = model(**batch).loss
         if args.focus and not vision_only:
             kw = focus_inputs[-1]
-            weights = sv.head_attention(model.model.language_model.layers[args.focus_layer].self_attn,
+            weights = tv.head_attention(model.model.language_model.layers[args.focus_layer].self_attn,
                                         kw["hidden_states"], kw["position_embeddings"], kw["attention_mask"],
                                         args.focus_head, focus_query)
-            focus = sv.focus_loss(weights, focus_query, focus_tokens)
+            focus = tv.focus_loss(weights, focus_query, focus_tokens)
             if args.focus_relative:  # logged "focus" stays the plain term, comparable with earlier runs
-                relative = sv.focus_loss(weights, focus_query, focus_tokens, among=objects_seen.expand_as(focus_tokens))
+                relative = tv.focus_loss(weights, focus_query, focus_tokens, among=objects_seen.expand_as(focus_tokens))
                 relative_losses.append(relative.item())
                 loss = loss + args.focus_relative * relative
             focus_losses.append(focus.item())
@@ -368,7 +369,7 @@ def main() -> None:
         aux_shape = aux_shape_at(step, args)
         if args.aux:
             aux_logits = aux_head(projected[-1])
-            aux, seen = sv.auxiliary_loss(aux_logits, projected[-1], patch_labels, shape_head, aux_shape,
+            aux, seen = tv.auxiliary_loss(aux_logits, projected[-1], patch_labels, shape_head, aux_shape,
                                           weights=aux_weights, balanced=args.aux_balanced)
             aux_losses.append(aux.item())
             aux_accuracy.append(seen)
@@ -400,6 +401,7 @@ def main() -> None:
             print("eval", json.dumps({k: round(v, 3) for k, v in acc.items()}), flush=True)
             info["history"].append({"step": step, "loss": sum(losses[-50:]) / len(losses[-50:]), "eval": acc})
         if step % args.save_every == 0 or step == args.steps:
+            tv.end_generation_after_the_answer(model)
             model.save_pretrained(out)
             processor.save_pretrained(out)
             info["step"] = step

@@ -1,6 +1,6 @@
 """Why a tiny VLM answers "what color is the <shape> ?" with another object's colour.
 
-    python examples/probe_binding.py --model src/pio_fvlm/assets/tiny-llava-shapes   # ~2 min a model
+    python training/probe_binding.py --model src/pio_fvlm/assets/tiny-llava-shapes   # ~2 min a model
 
 A diagnostic for the one-run training recipe (docs/quality.md, stop 19). Two measurements:
 
@@ -22,10 +22,10 @@ import collections
 
 import numpy as np
 import torch
-from probe_tower_shape import ridge_accuracy  # the script's folder is on sys.path
 
 from pio_fvlm import shapes_vlm as sv
 from pio_fvlm import synthetic as syn
+from probe_tower_shape import ridge_accuracy  # the script's folder is on sys.path
 
 
 def forward_in_chunks(model, items: list, **outputs: bool):

@@ -1,21 +1,31 @@
 """Fresh 4-layer tower: train shape on OBJECT-POOLED projector features (mean over each object's
 patches -> linear head) or per-patch ('patch'); boost = position boost. Reports held-out pooled
 accuracy and a per-patch accuracy of the same head. Usage: pooled_shape.py pooled|patch BOOST SECONDS"""
-import random, sys, time, torch, numpy as np
-from pio_fvlm import shapes_vlm as sv, synthetic as syn
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+import tiny_vlm as tv
+from pio_fvlm import shapes_vlm as sv
+from pio_fvlm import synthetic as syn
+
 torch.set_num_threads(1)
 mode, boost, budget_s = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 torch.manual_seed(0)
-model = sv.build_model(vision_layers=4)
+model = tv.build_model(vision_layers=4)
 if "stem" in sys.argv:  # the oriented-edge stem (pio_fvlm.shapes_vlm.oriented_edge_stem)
-    print("stem filters", sv.oriented_edge_stem(model))
-if boost: sv.boost_patch_positions(model, boost)
+    print("stem filters", tv.oriented_edge_stem(model))
+if boost: tv.boost_patch_positions(model, boost)
 class Std(torch.nn.Module):  # per-dimension standardisation over the batch's tokens (BatchNorm without affine)
     def __init__(s): super().__init__(); s.bn = torch.nn.BatchNorm1d(128, affine=False)
     def forward(s, x): return s.bn(x.reshape(-1, 128)).reshape(x.shape)
 head = torch.nn.Sequential(Std(), torch.nn.Linear(128, 3)) if "bn" in sys.argv else torch.nn.Sequential(torch.nn.LayerNorm(128), torch.nn.Linear(128, 3)) if "norm" in sys.argv else torch.nn.Linear(128, 3)
 params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *head.parameters()]
 import os
+
 if os.environ.get("FREEZE"): params = list(head.parameters())
 opt = torch.optim.AdamW(params, lr=float(os.environ.get("LR", "2e-3")), weight_decay=0.01)
 def batch(n, rng):

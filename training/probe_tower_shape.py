@@ -1,7 +1,7 @@
 """How much shape a tiny CLIP tower's features hold, read by a closed-form linear probe.
 
-    python examples/probe_tower_shape.py                 # fresh towers (random / oriented-edge stem), ~3 min
-    python examples/probe_tower_shape.py --model src/pio_fvlm/assets/tiny-llava-shapes   # a trained tower too
+    python training/probe_tower_shape.py                 # fresh towers (random / oriented-edge stem), ~3 min
+    python training/probe_tower_shape.py --model src/pio_fvlm/assets/tiny-llava-shapes   # a trained tower too
 
 A diagnostic for the one-run training recipe (docs/quality.md, "Why a fresh tower is slow to see
 shape"): for every object of 400 training and 200 held-out scenes, the features of the object's
@@ -19,6 +19,7 @@ import random
 import numpy as np
 import torch
 
+import tiny_vlm as tv
 from pio_fvlm import shapes_vlm as sv
 from pio_fvlm import synthetic as syn
 
@@ -86,11 +87,11 @@ def main() -> None:
     print(f"majority class on the held-out objects: {majority:.3f}")
     towers: list[tuple[str, object]] = []
     for stem in (False, True):
-        model = sv.build_model(vision_layers=4)
+        model = tv.build_model(vision_layers=4)
         if stem:
-            sv.oriented_edge_stem(model)
+            tv.oriented_edge_stem(model)
         if args.position_boost:
-            sv.boost_patch_positions(model, args.position_boost)
+            tv.boost_patch_positions(model, args.position_boost)
         towers.append((f"fresh, {'oriented-edge stem' if stem else 'random patch filters'}", model))
     if args.model:
         from transformers import LlavaForConditionalGeneration
