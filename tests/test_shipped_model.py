@@ -58,3 +58,12 @@ def test_training_code_rebuilds_the_shipped_processor_and_generation_settings():
     model = tv.build_model(vision_width=32, vision_layers=1, text_width=32, text_layers=2)
     tv.end_generation_after_the_answer(model)
     assert model.generation_config.eos_token_id == GenerationConfig.from_pretrained(sv.ASSET_DIR).eos_token_id
+
+
+def test_the_package_ships_the_model_and_nothing_of_its_training():
+    shipped = sorted(p.name for p in sv.ASSET_DIR.iterdir())
+    assert shipped == ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                       "processor_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sum(p.stat().st_size for p in sv.ASSET_DIR.iterdir()) < 10 * 2**20
+    package = sv.ASSET_DIR.parents[1]
+    assert not any("train" in p.name for p in package.rglob("*.py"))
