@@ -9,7 +9,8 @@ from pio_fvlm.bench_models import SHAPES, shape_inputs, visual_token_id
 from pio_fvlm.testing import layer_lengths
 
 CPU_SHAPES = {"miniature": 576, "llava-672": 2304, "llava-next": 2928, "qwen2.5-vl-1344": 2304,
-              "qwen2.5-vl-video": 4096, "llava-onevision": 7371, "internvl-7-tiles": 1792}
+              "qwen2.5-vl-video": 4096, "llava-onevision": 7371, "internvl-7-tiles": 1792,
+              "qwen3-vl-1024": 1024}
 
 
 @pytest.mark.parametrize("name", list(CPU_SHAPES))
@@ -45,7 +46,8 @@ def test_ideal_mode_prunes_before_layer_0():
 
 @pytest.mark.parametrize("name,hidden,layers", [("llava-next-7b", 4096, 32), ("qwen2.5-vl-7b", 3584, 28),
                                                 ("qwen2.5-vl-7b-video", 3584, 28), ("llava-1.5-7b", 4096, 32),
-                                                ("llava-onevision-7b", 3584, 28), ("internvl3-8b", 3584, 28)])
+                                                ("llava-onevision-7b", 3584, 28), ("internvl3-8b", 3584, 28),
+                                                ("qwen3-vl-8b", 4096, 36)])
 def test_7b_shapes_build_on_meta(name, hidden, layers):
     shape = SHAPES[name]
     assert not shape.cpu_miniature

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import pio_fvlm
 from conftest import standard_batch
 from pio_fvlm.select.closed_form import closed_form_saliency, supports_closed_form
 from pio_fvlm.select.saliency import ProbeInputs, ProbeModules, fast_saliency, full_layer_saliency
@@ -16,8 +17,11 @@ def _with_host_positions(inp: ProbeInputs) -> ProbeInputs:
                        query_positions_host=inp.query_positions.numpy(), all_valid=bool(inp.valid.all()))
 
 
+QK_NORM_FAMILIES = ("qwen3_vl",)  # q/k norms: the closed-form and fast probes refuse, the full-layer probe runs
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in QK_NORM_FAMILIES])
 def test_closed_form_equals_autograd_probes(family, attn):
     """GQA (2 key/value heads of 4), Qwen's q/k/v biases, M-RoPE, left padding."""
     model = tiny_vlm(family, attn_implementation=attn, seed=4)
@@ -32,6 +36,18 @@ def test_closed_form_equals_autograd_probes(family, attn):
     assert torch.allclose(closed[valid], full[valid], rtol=1e-4, atol=1e-7)
     assert torch.allclose(closed[valid], fast[valid], rtol=1e-4, atol=1e-7)
     assert (closed[valid] > 0).float().mean() > 0.9  # all but the tokens after the proxy positions
+
+
+@pytest.mark.parametrize("family", QK_NORM_FAMILIES)
+def test_layers_with_qk_norms_get_the_full_layer_probe(family):
+    from pio_fvlm.select.saliency import supports_fast_probe
+
+    model = tiny_vlm(family, seed=4)
+    inputs = standard_batch(model)
+    inp, mods = _probe_inputs(model, inputs, 1)
+    assert not supports_closed_form(mods.layer, mods.norm, mods.head) and not supports_fast_probe(mods.layer)
+    pio_fvlm.wrap(model, budget=3)
+    assert pio_fvlm.get_config(model) and model._pio_fvlm_runtime.probes == ["full"]
 
 
 @pytest.mark.parametrize("include_last", [False, True])

@@ -34,6 +34,8 @@ from pio_fvlm.testing import (
     llava15_7b_config,
     llava_onevision_7b_config,
     qwen2_5_vl_7b_config,
+    qwen3_vl_8b_config,
+    qwen3_vl_30b_a3b_config,
 )
 
 
@@ -99,6 +101,8 @@ def test_llava15_7b_widths_run():
             (151646, 151647),
         ),
         ("OpenGVLab/InternVL3-8B-hf", lambda: InternVLForConditionalGeneration(internvl3_8b_config()), (151667,)),
+        ("Qwen/Qwen3-VL-8B-Instruct", lambda: _qwen3_vl(qwen3_vl_8b_config()), (151655, 151656)),
+        ("Qwen/Qwen3-VL-30B-A3B-Instruct", lambda: _qwen3_vl(qwen3_vl_30b_a3b_config()), (151655, 151656)),
     ],
 )
 def test_real_configs_structure(name, build, visual_ids):
@@ -107,10 +111,19 @@ def test_real_configs_structure(name, build, visual_ids):
     parts = adapter_for(model).find_parts(model)
     assert parts.visual_token_ids == visual_ids
     assert len(parts.layers) == model.config.text_config.num_hidden_layers
-    assert supports_fast_probe(parts.layers[1]), f"{name}: the exact fast probe should apply"
+    if name.startswith("Qwen/Qwen3"):  # q/k norms (and experts): the generic probe, which calls the layer
+        assert not supports_fast_probe(parts.layers[1])
+    else:
+        assert supports_fast_probe(parts.layers[1]), f"{name}: the exact fast probe should apply"
     pio_fvlm.wrap(model, budget=64, layer=2)
     assert pio_fvlm.is_wrapped(model)
     pio_fvlm.unwrap(model)
+
+
+def _qwen3_vl(config):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_config(config)
 
 
 def _real_width_run(model, inputs, image_id: int, n_visual: int, budget: int = 64) -> None:
@@ -158,3 +171,23 @@ def test_internvl3_8b_widths_run():
                      text[:, 5:]], dim=1)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(3, 3, 448, 448)}
     _real_width_run(model, inputs, 31999, 768)
+
+
+def test_qwen3_vl_8b_widths_run_with_deepstack_after_the_prune_layer():
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = qwen3_vl_8b_config(text_layers=3, vision_layers=3)
+    config.vision_config.deepstack_visual_indexes = [0, 1, 2]  # injections after LM layers 0, 1, 2
+    config.text_config.vocab_size = 32000
+    config.image_token_id, config.vision_start_token_id, config.vision_end_token_id = 31999, 31997, 31998
+    config._attn_implementation = "sdpa"
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    # a 512 x 512 image: 32 x 32 patches of 16 px, merged 2 x 2 into 256 tokens
+    text = torch.randint(100, 30000, (1, 25))
+    ids = torch.cat([text[:, :5], torch.tensor([[31997]]), torch.full((1, 256), 31999), torch.tensor([[31998]]),
+                     text[:, 5:]], dim=1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values": torch.randn(32 * 32, 3 * 2 * 16 * 16), "image_grid_thw": torch.tensor([[1, 32, 32]]),
+              "mm_token_type_ids": (ids == 31999).long()}
+    _real_width_run(model, inputs, 31999, 256)

@@ -24,7 +24,8 @@ def _images_for(model, prompt: Prompt) -> list[Image.Image]:
         size = (90, 40)  # wide: two tiles side by side
     else:
         _, h, w = QWEN_IMAGE_GRIDS[prompt.size]
-        size = (w * 14, h * 14)
+        patch = model.config.vision_config.patch_size
+        size = (w * patch, h * patch)
     return [Image.new("RGB", size, (200, 200, 200)) for _ in range(prompt.images)]
 
 

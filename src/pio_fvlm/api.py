@@ -127,10 +127,20 @@ def wrap(
         unwrap(model)
     runtime = Runtime(parts, config, stages, selectors)
     runtime._extra_hooks = extra_hooks
-    runtime._method_patches = method_patches
+    attach(model, runtime, method_patches)
+    return model
+
+
+def attach(model: nn.Module, runtime: Runtime, method_patches: Sequence[tuple[nn.Module, str, Any]] = ()) -> None:
+    """Install ``runtime`` on ``model`` with ``method_patches`` and the model family's own (methods of
+    the model that must follow the pruning, e.g. Qwen3-VL's DeepStack); ``unwrap`` removes it all."""
+    adapter = adapter_for(model)
+    patches = list(method_patches)
+    if adapter.method_patches is not None:
+        patches.extend(adapter.method_patches(model, runtime))
+    runtime._method_patches = patches
     runtime.install()
     object.__setattr__(model, _RUNTIME_ATTR, runtime)
-    return model
 
 
 @contextmanager

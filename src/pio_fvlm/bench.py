@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import unwrap, wrap
-from .api import _RUNTIME_ATTR, is_wrapped
+from .api import attach, is_wrapped
 from .bench_models import (
     SHAPE_OF_MODEL_TYPE,
     SHAPES,
@@ -165,9 +165,7 @@ def prune_before_layer_0(model: nn.Module, budget: int) -> None:
     """The ideal bound: keep ``budget`` evenly spaced visual tokens before decoder layer 0, so that
     every layer runs on text + ``budget`` tokens (undone by :func:`pio_fvlm.unwrap`)."""
     parts = adapter_for(model).find_parts(model)
-    runtime = Runtime(parts, PruneConfig(budget=budget), [(0, budget)], [UniformSelector()])
-    runtime.install()
-    object.__setattr__(model, _RUNTIME_ATTR, runtime)
+    attach(model, Runtime(parts, PruneConfig(budget=budget), [(0, budget)], [UniformSelector()]))
 
 
 def _median(xs: list[float]) -> float:

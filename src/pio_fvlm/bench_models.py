@@ -14,13 +14,14 @@ shape                  visual    what it stands for
 ``llava-onevision``    7,371     LLaVA-OneVision anyres, a 1152 x 1152 image (base view + 3 x 3
                                  crops of 729 tokens, one newline per row)
 ``internvl-7-tiles``   1,792     InternVL, an image as 6 tiles + the thumbnail (256 tokens each)
+``qwen3-vl-1024``      1,024     Qwen3-VL, a 1024 x 1024 image (patch 16, 2 x 2 merge), DeepStack
 =====================  ========  ==============================================================
 
 On a CPU they are miniatures: the real token layout and depth with narrow layers (the
 LLaVA-1.5 one keeps 7B's proportions shrunk 8x; the larger shapes are narrower still so that a
 prefill of thousands of tokens takes seconds). ``llava-1.5-7b``, ``llava-next-7b`` and
-``qwen2.5-vl-7b`` / ``qwen2.5-vl-7b-video``, ``llava-onevision-7b`` and ``internvl3-8b`` build the
-real 7B / 8B shapes, for a GPU.
+``qwen2.5-vl-7b`` / ``qwen2.5-vl-7b-video``, ``llava-onevision-7b``, ``internvl3-8b`` and
+``qwen3-vl-8b`` build the real 7B / 8B shapes, for a GPU.
 """
 
 from __future__ import annotations
@@ -145,6 +146,36 @@ def miniature_internvl(attn: str, dtype: torch.dtype, num_layers: int = 28, hidd
     return InternVLForConditionalGeneration(config).eval().to(dtype)
 
 
+def miniature_qwen3_vl(attn: str, dtype: torch.dtype, num_layers: int = 36, hidden: int = 256) -> nn.Module:
+    """Qwen3-VL-8B's layout (patch 16 tower with DeepStack taps, interleaved M-RoPE, q/k norms,
+    grouped-query attention 4:1), narrow: head size 64."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    heads = hidden // 64
+    text = _llama_text(hidden, hidden * 3, heads, max(1, heads // 4), num_layers)
+    text.update(head_dim=64, rope_parameters={"rope_type": "default", "mrope_section": [12, 10, 10],
+                                               "mrope_interleaved": True, "rope_theta": 5000000.0})
+    vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[1, 2, 3])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=testing.IMAGE_TOKEN_ID,
+                           video_token_id=testing.VIDEO_TOKEN_ID, vision_start_token_id=testing.VISION_START_ID,
+                           vision_end_token_id=testing.VISION_END_ID)
+    config._attn_implementation = attn
+    return Qwen3VLForConditionalGeneration(config).eval().to(dtype)
+
+
+def random_qwen3_vl_8b(attn: str, dtype: torch.dtype, device: str, num_layers: int = 36) -> nn.Module:
+    """Qwen3-VL-8B-Instruct's real shapes with random weights, built on ``device``."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    config = testing.qwen3_vl_8b_config(text_layers=num_layers)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return testing.build_on_device(Qwen3VLForConditionalGeneration, config, dtype, device)
+
+
 def random_llava_onevision_7b(attn: str, dtype: torch.dtype, device: str, num_layers: int = 28) -> nn.Module:
     """llava-onevision-qwen2-7b-ov-hf's real shapes with random weights, built on ``device``."""
     from transformers import LlavaOnevisionForConditionalGeneration
@@ -230,6 +261,7 @@ SHAPES: dict[str, Shape] = {
     "qwen2.5-vl-video": Shape(_cpu(miniature_qwen2_5_vl), "qwen-video", image_px=448, frames=32),
     "llava-onevision": Shape(_cpu(miniature_llava_onevision), "onevision-image", image_px=1152),
     "internvl-7-tiles": Shape(_cpu(miniature_internvl), "internvl-image", tiles=7),
+    "qwen3-vl-1024": Shape(_cpu(miniature_qwen3_vl), "qwen-image", image_px=1024),
     "llava-1.5-7b": Shape(_gpu(random_llava15_7b, 32), "llava-image", cpu_miniature=False),
     "llava-next-7b": Shape(_gpu(random_llava_next_7b, 32), "next-image", image_px=672, cpu_miniature=False),
     "qwen2.5-vl-7b": Shape(_gpu(random_qwen2_5_vl_7b, None), "qwen-image", image_px=1344, cpu_miniature=False),
@@ -238,13 +270,14 @@ SHAPES: dict[str, Shape] = {
     "llava-onevision-7b": Shape(_gpu(random_llava_onevision_7b, 28), "onevision-image", image_px=1152,
                                 cpu_miniature=False),
     "internvl3-8b": Shape(_gpu(random_internvl3_8b, 28), "internvl-image", tiles=7, cpu_miniature=False),
+    "qwen3-vl-8b": Shape(_gpu(random_qwen3_vl_8b, 36), "qwen-image", image_px=1024, cpu_miniature=False),
 }
 
 
 # The input a real checkpoint of each family gets from the benchmark when --shapes is not given.
 SHAPE_OF_MODEL_TYPE = {"llava": "miniature", "llava_next": "llava-next", "qwen2_vl": "qwen2.5-vl-1344",
                        "qwen2_5_vl": "qwen2.5-vl-1344", "llava_onevision": "llava-onevision",
-                       "internvl": "internvl-7-tiles"}
+                       "internvl": "internvl-7-tiles", "qwen3_vl": "qwen3-vl-1024", "qwen3_vl_moe": "qwen3-vl-1024"}
 
 
 def visual_token_id(model: nn.Module, shape: Shape) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +31,9 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "internvl")
-VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl")  # families whose prompts may hold videos
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")
+VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # families whose prompts may hold videos
+TIMESTAMP_ID = 6  # Qwen3-VL: a text token before each video frame (the processor writes "<t seconds>")
 IMAGE_TOKEN_ID = 3
 VIDEO_TOKEN_ID = 4
 VISION_START_ID = 1
@@ -105,6 +107,43 @@ def internvl3_8b_config(text_layers: int = 28, vision_layers: int = 24) -> Inter
                          rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0}),
         image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, vision_feature_layer=-1,
         tie_word_embeddings=True,
+    )
+
+
+def qwen3_vl_8b_config(text_layers: int = 36, vision_layers: int = 27) -> Any:
+    """Qwen/Qwen3-VL-8B-Instruct's configuration: a 27-block tower (patch 16, 2 x 2 merge, DeepStack
+    taps at blocks 8, 16, 24) and a 36 x 4096 Qwen3 LM (q/k norms, 8 KV heads, interleaved M-RoPE)."""
+    from transformers import Qwen3VLConfig
+
+    taps = [i for i in (8, 16, 24) if i < vision_layers] or [0]
+    return Qwen3VLConfig(
+        text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=text_layers,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                         max_position_embeddings=262144, rope_parameters={
+                             "rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True,
+                             "rope_theta": 5000000.0}),
+        vision_config=dict(depth=vision_layers, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                           out_hidden_size=4096, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           num_position_embeddings=2304, deepstack_visual_indexes=taps),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    )
+
+
+def qwen3_vl_30b_a3b_config() -> Any:
+    """Qwen/Qwen3-VL-30B-A3B-Instruct's configuration: the same tower, a 48 x 2048 Qwen3-MoE LM
+    (128 experts, 8 per token, expert width 768)."""
+    from transformers import Qwen3VLMoeConfig
+
+    return Qwen3VLMoeConfig(
+        text_config=dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                         num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32,
+                         num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                         rope_parameters={"rope_type": "default", "mrope_section": [24, 20, 20],
+                                          "mrope_interleaved": True, "rope_theta": 5000000.0}),
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                           deepstack_visual_indexes=[8, 16, 24]),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
     )
 
 
@@ -203,7 +242,7 @@ def tiny_vlm(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> nn.Module:
-    """A random model of ``family`` (one of :data:`FAMILIES`) with the real HF class."""
+    """A random model of ``family`` (one of :data:`FAMILIES`, or ``"qwen3_vl_moe"``) with the real HF class."""
     if family == "llava":
         return tiny_llava(num_layers=num_layers, attn_implementation=attn_implementation, dtype=dtype, seed=seed)
     torch.manual_seed(seed)
@@ -231,6 +270,27 @@ def tiny_vlm(
         else:
             vision.update(hidden_size=32, out_hidden_size=64, fullatt_block_indexes=[0], window_size=56)
             config_cls, cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
+                            video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=VISION_START_ID,
+                            vision_end_token_id=VISION_END_ID)
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):
+        from transformers import (
+            Qwen3VLConfig,
+            Qwen3VLForConditionalGeneration,
+            Qwen3VLMoeConfig,
+            Qwen3VLMoeForConditionalGeneration,
+        )
+
+        text.update(head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                   "mrope_interleaved": True, "rope_theta": 10000.0})
+        if family == "qwen3_vl_moe":  # 4 experts, 2 per token
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        # DeepStack taps: after decoder layers 0, 1 and 2 the tower's blocks 0, 1, 2 are added
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1, 2])
+        config_cls, cls = ((Qwen3VLConfig, Qwen3VLForConditionalGeneration) if family == "qwen3_vl"
+                           else (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration))
         config = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
                             video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=VISION_START_ID,
                             vision_end_token_id=VISION_END_ID)
@@ -376,7 +436,8 @@ def make_batch(
         grids = [QWEN_IMAGE_GRIDS[p.size] for p in prompts for _ in range(p.images)]
         merge = model.config.vision_config.spatial_merge_size ** 2
         counts = [t * h * w // merge for t, h, w in grids]
-        patch_dim = 3 * 2 * 14 * 14
+        patch = model.config.vision_config.patch_size
+        patch_dim = 3 * 2 * patch * patch
         if grids:
             out["pixel_values"] = torch.randn(sum(t * h * w for t, h, w in grids), patch_dim, generator=g)
             out["image_grid_thw"] = torch.tensor(grids)
@@ -405,6 +466,12 @@ def make_batch(
                 add([VIDEO_TOKEN_ID] * next(videos), row, kind, 2)
                 continue
             t, h, w = QWEN_VIDEO_GRID
+            if family.startswith("qwen3_vl"):  # one run per frame, each after its timestamp
+                for _ in range(t):
+                    add([TIMESTAMP_ID, VISION_START_ID], row, kind, 0)
+                    add([VIDEO_TOKEN_ID] * (h * w // 4), row, kind, 2)
+                    add([VISION_END_ID], row, kind, 0)
+                continue
             add([VISION_START_ID], row, kind, 0)
             add([VIDEO_TOKEN_ID] * (t * h * w // 4), row, kind, 2)
             add([VISION_END_ID], row, kind, 0)

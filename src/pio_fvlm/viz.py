@@ -11,7 +11,7 @@ Every visual token is mapped to the image region it was computed from, per famil
 - LLaVA-OneVision: as LLaVA-NeXT for a prompt with one image (the high-resolution grid shrunk
   when it exceeds 9 tiles' worth, as the model does), and the base view plus one newline for each
   image of a prompt with several;
-- Qwen2-VL / Qwen2.5-VL: 2 x 2 merged patches of the dynamically resized image;
+- Qwen2-VL / Qwen2.5-VL / Qwen3-VL: 2 x 2 merged patches (28 or 32 px) of the dynamically resized image;
 - InternVL: each tile's pixel-shuffled grid (2 x 2 patches per token) over its part of the image,
   then the thumbnail tile over the whole image. The tile layout is the one with the image's tile
   count whose aspect ratio is closest to the image's (the processor's rule).
@@ -184,14 +184,14 @@ def token_views(model: Any, inputs: dict[str, Any], images: list[Any], sample: i
                              f"{len(images)} image(s) were passed to account for them: pass exactly that sample's "
                              f"images, in order")
         views = _internvl_views(config, sizes, [n // per_tile for n in runs])
-    elif kind in ("qwen2_vl", "qwen2_5_vl"):
+    elif kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         grids = inputs["image_grid_thw"]
         merge = config.vision_config.spatial_merge_size
         per_image = [int(g.prod()) // merge**2 for g in grids]
         first = _images_before(inputs["input_ids"], sample, config.image_token_id, per_image)
         views = _qwen_views(config, sizes, grids[first:first + len(images)])
     else:
-        raise ValueError(f"pio_fvlm.viz draws LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2(.5)-VL and InternVL "
+        raise ValueError(f"pio_fvlm.viz draws LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2(.5)-VL, Qwen3-VL and InternVL "
                          f"tokens; not {kind!r}")
     n_tokens = int((inputs["input_ids"][sample] == config.image_token_id).sum())
     n_mapped = sum(len(v.boxes) for v in views)

@@ -10,20 +10,16 @@ from torch import nn
 from .base import Adapter, ModelParts
 from .internvl import INTERNVL
 from .llava import LLAVA, LLAVA_NEXT, LLAVA_ONEVISION
+from .qwen3_vl import QWEN3_VL
 from .qwen_vl import QWEN2_5_VL, QWEN2_VL
 
-_ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, INTERNVL)
+_ADAPTERS: tuple[Adapter, ...] = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, QWEN2_VL, QWEN2_5_VL, QWEN3_VL, INTERNVL)
 REGISTRY: dict[str, Adapter] = {t: a for a in _ADAPTERS for t in a.model_types}
 
 # Families people ask about that pruning here cannot serve as they are, and why.
-_DEEPSTACK = ("Qwen3-VL adds vision features to the visual positions after decoder layers 0, 1 and 2 "
-              "(DeepStack), so pruning at the default layer 1 must carry the pending injections to the kept "
-              "tokens, which pio_fvlm does not do yet")
 _BIDIRECTIONAL = ("its image tokens attend to each other in both directions (a non-causal block in the "
                   "attention mask), which the pruned layers' masks here do not reproduce")
 NOT_SUPPORTED: dict[str, str] = {
-    "qwen3_vl": _DEEPSTACK,
-    "qwen3_vl_moe": _DEEPSTACK,
     "qwen3_5": "Qwen3.5's linear-attention layers keep one recurrent state for the whole sequence instead of a "
                "per-token KV cache, so tokens cannot be dropped from them",
     "qwen3_5_moe": "Qwen3.5's linear-attention layers keep one recurrent state for the whole sequence instead of "

@@ -66,9 +66,13 @@ class Adapter:
         find_parts: ``model -> ModelParts``; raises ``ValueError`` with advice when the
             object is a part of the model rather than the ``*ForConditionalGeneration``.
         position_modes: the ``positions=`` settings that make sense for this family.
+        method_patches: ``(model, runtime) -> [(module, method name, stand-in), ...]``: methods of
+            the model that must follow the pruning (installed on the instance by ``wrap``,
+            removed by ``unwrap``), or None.
     """
 
     name: str
     model_types: tuple[str, ...]
     find_parts: Callable[[nn.Module], ModelParts]
     position_modes: tuple[str, ...] = ("keep", "compact")
+    method_patches: Callable[[nn.Module, Any], list[tuple[nn.Module, str, Any]]] | None = None

@@ -176,6 +176,14 @@ class Runtime:
         kept = (full_index >= 0) & visual.gather(1, full_index.clamp(min=0))
         return [fi[k].sort().values.cpu() for fi, k in zip(full_index, kept)]
 
+    def stage_of_layer_that_ran(self) -> StageInputs | None:
+        """What the hooked decoder layer that ran last in the current call received (its stage's
+        inputs), or None outside a call, before the first hooked layer, or for a stage left as is."""
+        call = self._call.get()
+        if call is None or call.layer is None:
+            return None
+        return call.stages.get(self.stage_of[call.layer])
+
     def _visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) bool: positions holding a visual placeholder id."""
         ids = self.parts.visual_token_ids
@@ -253,6 +261,7 @@ class Runtime:
         call = self._call.get()
         if call is None:
             return None
+        call.layer = i
         s = self.stage_of[i]
         if s not in call.stages:
             call.stages[s] = self._prepare_stage(call, s, i, args, kwargs)

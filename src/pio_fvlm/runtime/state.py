@@ -80,6 +80,7 @@ class CallState:
         base_hidden: (B, L, D) hidden states entering the first prune layer (pruning calls).
         cache: the KV cache object the layers use, once seen.
         record: the cache's record, created or extended by this call.
+        layer: the hooked decoder layer that ran last in this call (None before the first).
     """
 
     visual: torch.Tensor | None
@@ -92,3 +93,4 @@ class CallState:
     cache: Any = None
     record: CacheRecord | None = None
     pruned: bool = False
+    layer: int | None = None
