@@ -23,7 +23,7 @@ def offload_map(model) -> dict[str, str]:
     return device_map
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_onevision", "internvl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "internvl", "qwen2_5_vl", "qwen3_vl"])
 def test_device_map_with_disk_offload(tmp_path, family):
     model = tiny_vlm(family, seed=41)
     model.save_pretrained(tmp_path / "m")

@@ -67,7 +67,7 @@ def test_encoder_mode_errors(model):
 
 
 @pytest.mark.parametrize("family, why", [("llava_onevision", "SigLIP tower has no \\[CLS\\]"),
-                                         ("internvl", "pixel shuffle")])
+                                         ("internvl", "pixel shuffle"), ("qwen3_vl", "DeepStack")])
 def test_encoder_mode_is_refused_with_the_reason_where_no_score_exists(family, why):
     from pio_fvlm.testing import tiny_vlm
 

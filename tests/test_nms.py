@@ -65,6 +65,19 @@ def test_chain_of_suppressions():
     _check(saliency, features, candidates, [6], 0.8)
 
 
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_similarity_exactly_at_the_threshold_suppresses(threshold):
+    """>= threshold suppresses (the authors' rule): at tau = 0, an orthogonal token (cosine exactly 0);
+    at tau = 1, a copy (cosine exactly 1). A '>' would keep the second token instead of the third."""
+    second = [0.0, 1.0] if threshold == 0.0 else [2.0, 0.0]
+    features = torch.tensor([[[1.0, 0.0], second, [-1.0, 0.0]]])
+    saliency = torch.tensor([[3.0, 2.0, 1.0]])
+    candidates = torch.ones(1, 3, dtype=torch.bool)
+    got = select_with_nms(saliency, features, candidates, torch.tensor([2]), threshold)
+    assert got[0].nonzero().flatten().tolist() == [0, 2]
+    _check(saliency, features, candidates, [2], threshold)
+
+
 def test_budget_equals_candidates_and_single():
     g = torch.Generator().manual_seed(3)
     features = torch.randn(2, 9, 4, generator=g)

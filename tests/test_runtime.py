@@ -227,3 +227,29 @@ def test_full_layer_probe_path_through_the_runtime(model, context):
     assert torch.equal(full.sequences, fast.sequences)
     for a, b in zip(full.logits, fast.logits):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_reused_cache_object_starts_clean():
+    """A cache object emptied and filled again by a new prefill (other prompts, other kept sets)
+    gives what a fresh cache gives: the pruned record of its first use is dropped."""
+    from transformers import DynamicCache
+
+    model = tiny_vlm("llava", seed=12)
+    first = make_batch(model, [Prompt([5, 6], [9, 10, 11]), Prompt([5], [9, 10, 11, 12], images=2)], seed=1)
+    second = make_batch(model, [Prompt([7, 8, 20], [9, 10]), Prompt([5, 6], [9, 10, 11, 12, 13])], seed=2)
+    pio_fvlm.wrap(model, budget=3)
+    with torch.no_grad():
+        fresh = model(**second, use_cache=True).logits
+        reused = DynamicCache(config=model.config.text_config)
+        model(**first, cache=reused, use_cache=True)
+        assert reused.get_seq_length() > 0
+        reused.reset()  # emptied, as a serving loop reusing one cache object does
+        again = model(**second, cache=reused, use_cache=True).logits
+        step = {"input_ids": torch.full((2, 1), 9), "attention_mask": torch.cat(
+            [second["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)}
+        fresh_cache = DynamicCache(config=model.config.text_config)
+        model(**second, cache=fresh_cache, use_cache=True)
+        next_fresh = model(**step, cache=fresh_cache, use_cache=True).logits
+        next_reused = model(**step, cache=reused, use_cache=True).logits
+    torch.testing.assert_close(again, fresh)
+    torch.testing.assert_close(next_reused, next_fresh)

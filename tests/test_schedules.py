@@ -57,6 +57,7 @@ def test_a_scaled_preset_prunes_a_deeper_model():
     "schedule, words",
     [
         ([(2, 5), (1, 3)], "strictly increasing"),
+        ([(1, 5), (1, 3)], "strictly increasing"),  # a layer named twice
         ([(1, 3), (2, 5)], "must not increase"),
         ([(1, 3), (4, 2)], "out of range"),
         ([(0, 3)], "out of range"),

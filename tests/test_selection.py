@@ -145,3 +145,29 @@ def test_nms_off_is_topk_by_saliency(llava_sdpa):
         assert [g.tolist() for g in pio_fvlm.last_selection(llava_sdpa)] == want
     finally:
         pio_fvlm.unwrap(llava_sdpa)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_shortest_row_just_fits_the_proxy_window_and_a_shorter_one_is_refused(family):
+    """A left-padded row with exactly K + 1 tokens next to a long one: the selection equals the
+    naive method and each row equals itself alone; one token fewer is a clear error, not a silent
+    change of the proxy loss."""
+    from conftest import assert_batch_equals_alone
+
+    model = tiny_vlm(family, attn_implementation="sdpa", seed=8)
+    prompts = [Prompt(before=[], after=[9]), Prompt(before=[5, 6, 7, 8], after=[9, 10, 11, 12, 13, 14], size=1)]
+    inputs = make_batch(model, prompts)
+    k = int(inputs["attention_mask"][0].sum()) - 1  # the short row's K + 1 tokens exactly
+    want = naive_selection(model, inputs, 1, 2, k=k)
+    pio_fvlm.wrap(model, budget=2, proxy_tokens=k)
+    with torch.no_grad():
+        model(**inputs)
+    assert [g.tolist() for g in pio_fvlm.last_selection(model)] == want
+    assert_batch_equals_alone(model, prompts, inputs)
+    pio_fvlm.wrap(model, budget=2, proxy_tokens=k + 1)
+    with pytest.raises(ValueError, match=f"too short for proxy_tokens={k + 1}.*proxy_tokens <= {k}"):
+        model(**inputs)
+    with torch.no_grad():  # the failed call left nothing behind
+        pio_fvlm.wrap(model, budget=2, proxy_tokens=k)
+        model(**inputs)
+    assert [g.tolist() for g in pio_fvlm.last_selection(model)] == want

@@ -42,6 +42,10 @@ class EncoderInstall:
 _NO_ENCODER_MODE = {
     "llava_onevision": "its SigLIP tower has no [CLS] token, and the [CLS] attention is what VisionZip ranks "
                        "patches by",
+    "qwen3_vl": "the window scores are written for the Qwen2-VL / Qwen2.5-VL towers, and Qwen3-VL's DeepStack "
+                "features (added after decoder layers 0-2) would have to be reduced the same way; not covered yet",
+    "qwen3_vl_moe": "the window scores are written for the Qwen2-VL / Qwen2.5-VL towers, and Qwen3-VL's DeepStack "
+                    "features (added after decoder layers 0-2) would have to be reduced the same way; not covered yet",
     "internvl": "each token the language model sees merges 2 x 2 tower patches (pixel shuffle) and every "
                 "image repeats as a thumbnail tile, so the tower's per-patch [CLS] attention does not rank "
                 "those tokens by itself",

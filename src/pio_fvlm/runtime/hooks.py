@@ -194,6 +194,19 @@ class Runtime:
             self._id_tensors[key] = torch.tensor(ids, device=input_ids.device)
         return torch.isin(input_ids, self._id_tensors[key])
 
+    def _check_proxy_window(self, shortest: int) -> None:
+        """The proxy loss reads K positions before a row's last token (or ending at it): a prompt
+        shorter than that has no such window (the authors' slicing would silently use fewer)."""
+        cfg = self.config
+        need = cfg.proxy_tokens + (0 if cfg.proxy_includes_last else 1)
+        if shortest < need:
+            fits = shortest - (0 if cfg.proxy_includes_last else 1)
+            raise ValueError(
+                f"a prompt of {shortest} tokens is too short for proxy_tokens={cfg.proxy_tokens}: the proxy loss "
+                f"reads the {cfg.proxy_tokens} positions before the last token, which needs {need} tokens; wrap "
+                f"with proxy_tokens <= {max(fits, 1)} for prompts this short"
+            )
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -213,14 +226,18 @@ class Runtime:
             q_len = input_ids.shape[1]
             if q_len > 1:  # decode steps (one token) never hold visual tokens: no host read there
                 visual = self._visual_mask(input_ids)
+                shortest = q_len
                 if mask is not None:  # one host read for both counts
                     visual_counts, valid_counts = torch.stack((visual, mask[:, -q_len:])).sum(-1).tolist()
                     n_visual = [int(n) for n in visual_counts]  # the mask may be a float tensor
-                    all_valid = min(valid_counts) == q_len
+                    shortest = int(min(valid_counts))
+                    all_valid = shortest == q_len
                 else:
                     n_visual = visual.sum(1).tolist()
                 if not any(n_visual):
                     visual = None
+                else:
+                    self._check_proxy_window(shortest)
         elif kwargs.get("inputs_embeds") is not None:
             q_len = kwargs["inputs_embeds"].shape[1]
             if q_len > 1:
