@@ -57,6 +57,7 @@ def test_7b_shapes_build_on_meta(name, hidden, layers):
     assert pio_fvlm.wrap(model, budget=64) is model  # the adapter finds every part
 
 
+@pytest.mark.slow
 def test_bench_runs_a_large_shape_with_its_default_budget(tmp_path):
     result = bench.main(["--shapes", "qwen2.5-vl-1344", "--num-layers", "2", "--reps", "1", "--e2e-reps", "0",
                          "--text-tokens", "20", "--out", str(tmp_path)])

@@ -39,6 +39,7 @@ from pio_fvlm.testing import (
 )
 
 
+@pytest.mark.slow
 def test_llava15_7b_widths_run():
     torch.manual_seed(0)
     config = llava15_7b_config(text_layers=2, vision_layers=1)
@@ -139,6 +140,7 @@ def _real_width_run(model, inputs, image_id: int, n_visual: int, budget: int = 6
     assert gen.shape[1] == ids.shape[1] + 2
 
 
+@pytest.mark.slow
 def test_llava_onevision_7b_widths_run():
     torch.manual_seed(0)
     config = llava_onevision_7b_config(text_layers=2, vision_layers=1)
@@ -158,6 +160,7 @@ def test_llava_onevision_7b_widths_run():
     _real_width_run(model, inputs, 31998, n_visual)
 
 
+@pytest.mark.slow
 def test_internvl3_8b_widths_run():
     torch.manual_seed(0)
     config = internvl3_8b_config(text_layers=2, vision_layers=1)
@@ -173,6 +176,7 @@ def test_internvl3_8b_widths_run():
     _real_width_run(model, inputs, 31999, 768)
 
 
+@pytest.mark.slow
 def test_qwen3_vl_8b_widths_run_with_deepstack_after_the_prune_layer():
     from transformers import Qwen3VLForConditionalGeneration
 

@@ -149,6 +149,7 @@ def test_streamed_usage_event_gets_the_visual_tokens_and_other_events_stay():
     assert json.loads(events[1][len("data: "):])["usage"]["visual_tokens"] == {"seen": 576, "kept": 64}
 
 
+@pytest.mark.slow
 def test_bad_settings_are_refused_at_startup_with_wraps_message():
     from pio_fvlm import PruneConfig
 

@@ -5,9 +5,12 @@ mis-saved checkpoint, a processor that no longer lines up with it, or a selectio
 objects the questions ask about would all pass the invariant suite (which uses random weights)
 and fail here. 100 of the test split's questions, scored as ``pio-fvlm demo`` scores them, ~15 s."""
 
+import pytest
+
 from pio_fvlm import shapes_vlm as sv
 
 
+@pytest.mark.slow
 def test_shipped_model_reads_the_image_and_pruning_keeps_its_answers():
     from transformers import LlavaForConditionalGeneration
 

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import tiny_vlm as tv  # training/, on the test path
 from conftest import load_script
+
+pytestmark = pytest.mark.slow  # each test runs the training script for a few steps
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_tiny_vlm.py"
 
