@@ -54,7 +54,12 @@ def test_demo_runs_offline(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "question" in out and "64 kept" in out
-    assert (tmp_path / "demo.png").exists()
+    from PIL import Image
+
+    picture = Image.open(tmp_path / "demo.png")
+    assert picture.width == 336 * 2 + 8 and picture.height > 336  # scene, kept tokens, then the caption band
+    caption = picture.crop((0, 336, picture.width, picture.height)).convert("L")
+    assert min(caption.getdata()) < 100  # the band holds text (question, answers, budget, legend)
 
 
 def test_help_and_unknown_command(capsys):

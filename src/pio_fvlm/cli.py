@@ -42,7 +42,7 @@ def demo(argv: list[str]) -> int:
     from . import last_selection, unwrap, wrap
     from . import shapes_vlm as sv
     from . import synthetic as syn
-    from .viz import draw_kept, kept_grids, side_by_side
+    from .viz import draw_kept, kept_grids, side_by_side, with_caption
 
     p = argparse.ArgumentParser(prog="pio-fvlm demo", description=demo.__doc__)
     p.add_argument("--budget", type=int, default=64, help="visual tokens kept of the toy's 576 (default 64)")
@@ -93,7 +93,12 @@ def demo(argv: list[str]) -> int:
     print(f"\nprefill (median of 5): all tokens {full_s * 1e3:.1f} ms, {args.budget} kept {pruned_s * 1e3:.1f} ms "
           f"({full_s / pruned_s:.2f}x)")
     grid = kept_grids(kept, inputs["input_ids"][0], model.config.image_token_id, sv.N_VISUAL)[0]
-    side_by_side([pil, draw_kept(pil, grid)]).save(args.out)
+    qa, full, pruned = rows[-1]
+    caption = [f"question: {qa.question}   truth: {qa.answer}",
+               f"answer with all {sv.N_VISUAL} tokens: {full}   with {args.budget} kept: {pruned}",
+               f"right: the {args.budget} of {sv.N_VISUAL} visual tokens kept from layer 1 on",
+               "(outlined, in colour); dropped tokens are darkened"]
+    with_caption(side_by_side([pil, draw_kept(pil, grid)]), caption).save(args.out)
     print(f"kept tokens of the last question drawn over the image: {args.out}")
 
     if args.eval:

@@ -302,6 +302,19 @@ def square_view(image: Any, size: int = 336) -> Any:
     return img.crop((left, top, left + size, top + size))
 
 
+def with_caption(picture: Any, lines: list[str], line_height: int = 16, margin: int = 8) -> Any:
+    """``picture`` with text ``lines`` written on a white band below it (PIL's default font)."""
+    from PIL import Image, ImageDraw
+
+    band = margin * 2 + line_height * len(lines)
+    canvas = Image.new("RGB", (picture.width, picture.height + band), (255, 255, 255))
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(lines):
+        draw.text((margin, picture.height + margin + i * line_height), line, fill=(20, 20, 20))
+    return canvas
+
+
 def side_by_side(pictures: list[Any], gap: int = 8) -> Any:
     """Pictures in one row (e.g. the original and kept tokens at several budgets)."""
     from PIL import Image
