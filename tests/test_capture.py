@@ -15,7 +15,7 @@ def _graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl"])
 def test_captured_probe_equals_the_eager_closed_form(family):
     """Padding inside the batch (left), GQA and Qwen's biases; the bucket pads the sequence too."""
     model = tiny_vlm(family, attn_implementation="sdpa", seed=8)

@@ -26,6 +26,7 @@ from transformers import (
 
 import pio_fvlm
 from pio_fvlm.models import adapter_for
+from pio_fvlm.select.closed_form import supports_closed_form
 from pio_fvlm.select.saliency import supports_fast_probe
 from pio_fvlm.testing import (
     CLIP_L_336,
@@ -112,10 +113,12 @@ def test_real_configs_structure(name, build, visual_ids):
     parts = adapter_for(model).find_parts(model)
     assert parts.visual_token_ids == visual_ids
     assert len(parts.layers) == model.config.text_config.num_hidden_layers
-    if name.startswith("Qwen/Qwen3"):  # q/k norms (and experts): the generic probe, which calls the layer
+    closed = supports_closed_form(parts.layers[1], parts.norm, parts.head)
+    if name.startswith("Qwen/Qwen3"):  # q/k norms: the closed form (dense) or the generic probe (experts)
         assert not supports_fast_probe(parts.layers[1])
+        assert closed == ("A3B" not in name)
     else:
-        assert supports_fast_probe(parts.layers[1]), f"{name}: the exact fast probe should apply"
+        assert supports_fast_probe(parts.layers[1]) and closed, f"{name}: the exact fast probes should apply"
     pio_fvlm.wrap(model, budget=64, layer=2)
     assert pio_fvlm.is_wrapped(model)
     pio_fvlm.unwrap(model)

@@ -18,9 +18,11 @@ as ``sum_h p_hj u_h`` with ``u_h = W_v,h^T dL/do_h``; the softmax backward needs
 ``dL/dp_hj = u_h . xn_j`` (the value bias cancels in it).
 
 Supported: pre-norm layers with RMSNorm (HF's formula), q/k/v/o projections (bias or not, GQA),
-the standard rotate-half rotary, and a gated SiLU MLP (gate/up/down): LLaVA-1.5, LLaVA-NeXT,
-Qwen2-VL, Qwen2.5-VL. :func:`supports_closed_form` says whether a layer qualifies; the others
-use the autograd probes of :mod:`.saliency`.
+optional per-head RMSNorms on queries and keys before the rotary (Qwen3's q/k norms), the
+standard rotate-half rotary, and a gated SiLU MLP (gate/up/down): LLaVA-1.5, LLaVA-NeXT,
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense), InternVL. :func:`supports_closed_form`
+says whether a layer qualifies; the others (e.g. mixture-of-experts MLPs) use the autograd
+probes of :mod:`.saliency`.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ import torch
 from torch import nn
 
 from ..tensor_ops import gather_tokens
-from .saliency import ProbeInputs, ProbeModules, supports_fast_probe
+from .saliency import _FAST_ATTN_CHILDREN, _FAST_LAYER_CHILDREN, ProbeInputs, ProbeModules, _rotary_fn
 
 _SILU = ("SiLU", "SiLUActivation")
+_QK_NORMS = {"q_norm", "k_norm"}
 _MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
 
@@ -50,10 +53,20 @@ def _is_rms_norm(norm: Any) -> bool:
 
 def supports_closed_form(layer: nn.Module, norm: nn.Module, head: nn.Module) -> bool:
     """True when the closed-form probe computes exactly what this layer, norm and head do."""
-    if not supports_fast_probe(layer):
-        return False
     lay: Any = layer
-    attn, mlp = lay.self_attn, lay.mlp
+    attn = getattr(lay, "self_attn", None)
+    if attn is None or {n for n, _ in lay.named_children()} != _FAST_LAYER_CHILDREN:
+        return False
+    attn_children = {n for n, _ in attn.named_children()}
+    if attn_children not in (_FAST_ATTN_CHILDREN, _FAST_ATTN_CHILDREN | _QK_NORMS):
+        return False
+    if attn_children & _QK_NORMS and not (_is_rms_norm(attn.q_norm) and _is_rms_norm(attn.k_norm)):
+        return False
+    if getattr(attn, "sliding_window", None) is not None or _rotary_fn(attn) is None:
+        return False
+    if not all(hasattr(attn, a) for a in ("head_dim", "scaling", "num_key_value_groups")):
+        return False
+    mlp = lay.mlp
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, head]
     if {n for n, _ in mlp.named_children()} != _MLP_CHILDREN:
         return False
@@ -61,8 +74,6 @@ def supports_closed_form(layer: nn.Module, norm: nn.Module, head: nn.Module) -> 
     if any(type(m) is not nn.Linear for m in linears) or head.bias is not None:
         return False
     if type(mlp.act_fn).__name__ not in _SILU:
-        return False
-    if any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
         return False
     return all(_is_rms_norm(n) for n in (lay.input_layernorm, lay.post_attention_layernorm, norm))
 
@@ -156,9 +167,14 @@ def saliency_core(layer: Any, norm: Any, head: Any, x: torch.Tensor, qpos: torch
 
     # ---- forward, S tokens: input norm, keys; K tokens: queries
     xn, xr1, r1 = _rms_forward(layer.input_layernorm, x)  # (B, S, D)
+    qk_norms = hasattr(attn, "q_norm")  # Qwen3: per-head RMSNorm of queries and keys before the rotary
     q = attn.q_proj(gather_tokens(xn, qpos)).view(b, k_count, n_q, hd)
+    if qk_norms:
+        q, qxr, qr = _rms_forward(attn.q_norm, q)
     q = _rope(q, cos_q.unsqueeze(2), sin_q.unsqueeze(2))  # (B, K, H, d)
     k = attn.k_proj(xn).view(b, s, n_kv, hd)
+    if qk_norms:
+        k, kxr, kr = _rms_forward(attn.k_norm, k)
     k = _rope(k, cos.unsqueeze(2), sin.unsqueeze(2))  # (B, S, N, d)
     # rows of each key/value group: (g, k) -> (B, N, G*K, d); keys (B, N, d, S)
     q_groups = q.view(b, k_count, n_kv, groups, hd).permute(0, 2, 3, 1, 4).reshape(b, n_kv, groups * k_count, hd)
@@ -209,9 +225,14 @@ def saliency_core(layer: Any, norm: Any, head: Any, x: torch.Tensor, qpos: torch
     grad_scores = probs * (grad_probs - centre)  # d(loss)/d(q.k), without the scale
     grad_scores = grad_scores.view(b, n_kv, groups * k_count, s)
     grad_k = grad_scores.transpose(2, 3) @ q_groups  # (B, N, S, d)
-    grad_k = _rope_backward(grad_k, cos.unsqueeze(1), sin.unsqueeze(1)).transpose(1, 2).reshape(b * s, -1)
+    grad_k = _rope_backward(grad_k, cos.unsqueeze(1), sin.unsqueeze(1)).transpose(1, 2)  # (B, S, N, d)
+    if qk_norms:
+        grad_k = _rms_backward(attn.k_norm, grad_k.contiguous(), kxr, kr)
+    grad_k = grad_k.reshape(b * s, -1)
     grad_q = (grad_scores @ k.transpose(1, 2)).view(b, n_kv, groups, k_count, hd).permute(0, 3, 1, 2, 4)
     grad_q = _rope_backward(grad_q.reshape(b, k_count, n_q, hd), cos_q.unsqueeze(2), sin_q.unsqueeze(2))
+    if qk_norms:
+        grad_q = _rms_backward(attn.q_norm, grad_q, qxr, qr)
     del grad_scores, grad_probs
     # beta=0: the first argument only gives the output's shape (x's values are not read)
     grad_xn = torch.addmm(x.reshape(b * s, dim), grad_k, attn.k_proj.weight, beta=0, alpha=scale).view(b, s, dim)
