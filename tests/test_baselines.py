@@ -87,3 +87,31 @@ def test_fastv_and_dart_differ_from_uniform(model):
         out[name] = [s.tolist() for s in pio_fvlm.last_selection(model)]
     pio_fvlm.unwrap(model)
     assert out["fastv"] != out["uniform"] and out["dart"] != out["uniform"]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "qwen3_vl", "internvl"])
+def test_attention_rows_equal_the_layers_own_attention_weights(family):
+    """What FastV ranks by, recomputed from the layer's projections, equals the eager layer's own
+    attention weights (rotary, grouped heads, Qwen's biases, Qwen3's q/k norms)."""
+    from pio_fvlm.select.baselines import attention_rows
+    from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
+
+    model = tiny_vlm(family, attn_implementation="eager", seed=9)
+    batch = make_batch(model, [Prompt([5, 6], [9, 10, 11, 12], size=1)])
+    layer = model.model.language_model.layers[1]
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["position_embeddings"] = kwargs["position_embeddings"]
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        weights = model(**batch, output_attentions=True).attentions[1]  # (1, H, S, S)
+        handle.remove()
+        s = weights.shape[-1]
+        rows = torch.tensor([[s - 1, s - 3]])
+        allowed = torch.arange(s)[None, None, :] <= rows[..., None]
+        got = attention_rows(layer.self_attn, layer.input_layernorm(seen["x"]), seen["position_embeddings"], rows,
+                             allowed)
+    torch.testing.assert_close(got[0], weights[0][:, [s - 1, s - 3]].float(), atol=1e-6, rtol=1e-5)

@@ -130,7 +130,8 @@ def attention_rows(attn: Any, xn: torch.Tensor, position_embeddings: tuple[torch
     projections and rotary (any attention backend: the fused ones return no weights).
 
     Args:
-        attn: the layer's ``self_attn`` (q_proj, k_proj, head_dim, scaling, num_key_value_groups).
+        attn: the layer's ``self_attn`` (q_proj, k_proj, head_dim, scaling, num_key_value_groups;
+            q_norm / k_norm when it has them).
         xn: (B, S, D) the attention's input (after the layer's input norm).
         position_embeddings: (cos, sin), each (B or 1, S, hd).
         rows: (B, P) the query positions.
@@ -140,8 +141,11 @@ def attention_rows(attn: Any, xn: torch.Tensor, position_embeddings: tuple[torch
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     b, s, _ = xn.shape
     hd = attn.head_dim
-    q = attn.q_proj(gather_tokens(xn, rows)).view(b, rows.shape[1], -1, hd).transpose(1, 2)
-    k = attn.k_proj(xn).view(b, s, -1, hd).transpose(1, 2)
+    q = attn.q_proj(gather_tokens(xn, rows)).view(b, rows.shape[1], -1, hd)
+    k = attn.k_proj(xn).view(b, s, -1, hd)
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head norms of queries and keys before the rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = position_embeddings
     q = rotary(q, q, gather_tokens(cos, rows), gather_tokens(sin, rows))[0]
     k = rotary(k, k, cos, sin)[0].repeat_interleave(attn.num_key_value_groups, dim=1)
