@@ -114,3 +114,35 @@ def test_lmms_eval_evaluator_end_to_end(tmp_path, monkeypatch):
     assert accuracy == pytest.approx(np.mean([a == r["answer"] for a, r in zip(direct, rows)]))
     answers = [s["filtered_resps"][0] for s in sorted(out["samples"]["pio_shapes"], key=lambda s: s["doc_id"])]
     assert answers == direct
+
+
+def _lmms_eval_answers(command: list[str], folder, out, env) -> dict[int, str]:
+    """Run an lmms-eval command line on the offline task; its answers by document."""
+    import glob
+    import json
+    import subprocess
+
+    args = ["-m", "lmms_eval", "--model", "pio_fvlm", "--model_args",
+            f"pretrained={sv.ASSET_DIR},budget={BUDGET},device=cpu", "--include_path", str(folder),
+            "--tasks", "pio_shapes", "--batch_size", "2", "--log_samples", "--output_path", str(out)]
+    run = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (samples,) = glob.glob(str(out / "*" / "*samples_pio_shapes.jsonl"))
+    rows = [json.loads(line) for line in open(samples)]
+    return {row["doc_id"]: row["filtered_resps"] for row in rows}, run.stdout + run.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_shard_the_requests_and_answer_as_one(tmp_path):
+    """Data parallel on CPU (torchrun with ACCELERATE_USE_CPU: two ranks, each half of the
+    requests) gives the answers of one process; on GPUs `accelerate launch` does the same."""
+    import os
+    import sys
+
+    folder = write_shapes_task(tmp_path / "task", items=8, seed=13)
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "true"}
+    one, _ = _lmms_eval_answers([sys.executable], folder, tmp_path / "one", env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    two, log = _lmms_eval_answers(torchrun, folder, tmp_path / "two", env)
+    assert "on rank 1" in log  # the second process really ran
+    assert two == one and len(one) == 8
