@@ -17,9 +17,6 @@ def _with_host_positions(inp: ProbeInputs) -> ProbeInputs:
                        query_positions_host=inp.query_positions.numpy(), all_valid=bool(inp.valid.all()))
 
 
-QK_NORM_FAMILIES = ("qwen3_vl",)  # q/k norms: the closed form covers them, the autograd fast probe does not
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_closed_form_equals_autograd_probes(family, attn):
@@ -32,24 +29,28 @@ def test_closed_form_equals_autograd_probes(family, attn):
     full = full_layer_saliency(mods, inp)
     valid = inputs["attention_mask"].bool()
     assert not valid.all(), "the batch must hold padding"
+    fast = fast_saliency(mods, inp)
     assert torch.allclose(closed[valid], full[valid], rtol=1e-4, atol=1e-7)
-    if family not in QK_NORM_FAMILIES:
-        fast = fast_saliency(mods, inp)
-        assert torch.allclose(closed[valid], fast[valid], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(closed[valid], fast[valid], rtol=1e-4, atol=1e-7)
     assert (closed[valid] > 0).float().mean() > 0.9  # all but the tokens after the proxy positions
 
 
-def test_qk_norm_layers_get_the_closed_form_and_moe_layers_the_full_layer_probe():
-    from pio_fvlm.select.saliency import supports_fast_probe
-
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_moe_layers_get_the_fast_probe_equal_to_the_full_layer(attn):
+    """Qwen3-VL-MoE: no closed form (routed experts), the fast probe runs the experts at the proxy
+    positions only (each token is routed on its own) and equals the full-layer probe."""
+    model = tiny_vlm("qwen3_vl_moe", attn_implementation=attn, seed=4)
+    inputs = standard_batch(model)
+    inp, mods = _probe_inputs(model, inputs, 1)
+    assert not supports_closed_form(mods.layer, mods.norm, mods.head)
+    valid = inputs["attention_mask"].bool()
+    fast, full = fast_saliency(mods, inp), full_layer_saliency(mods, inp)
+    assert torch.allclose(fast[valid], full[valid], rtol=1e-4, atol=1e-7)
+    pio_fvlm.wrap(model, budget=3)
+    assert model._pio_fvlm_runtime.probes == ["fast"]
     dense = tiny_vlm("qwen3_vl", seed=4)
-    layer = dense.model.language_model.layers[1]
-    assert not supports_fast_probe(layer)  # the autograd fast probe does not apply q/k norms
     pio_fvlm.wrap(dense, budget=3)
     assert dense._pio_fvlm_runtime.probes == ["closed_form"]
-    moe = tiny_vlm("qwen3_vl_moe", seed=4)  # routed experts: no closed form
-    pio_fvlm.wrap(moe, budget=3)
-    assert moe._pio_fvlm_runtime.probes == ["full"]
 
 
 @pytest.mark.parametrize("include_last", [False, True])

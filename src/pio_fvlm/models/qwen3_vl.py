@@ -9,6 +9,8 @@ below gives each kept visual token the row of its own visual position and drops 
 the dropped tokens. The hidden state that enters the prune layer (what the probe and the NMS see)
 already holds the injection made after the layer before it. Decode steps carry no DeepStack.
 Image and video tokens form one visual pool; video frames are separate runs between timestamps.
+The probe: the closed form for the dense model (q/k norms included), the autograd fast probe for
+the mixture of experts (its experts run at the proxy positions only; each token is routed alone).
 """
 
 from __future__ import annotations

@@ -34,10 +34,9 @@ import torch
 from torch import nn
 
 from ..tensor_ops import gather_tokens
-from .saliency import _FAST_ATTN_CHILDREN, _FAST_LAYER_CHILDREN, ProbeInputs, ProbeModules, _rotary_fn
+from .saliency import _FAST_ATTN_CHILDREN, _FAST_LAYER_CHILDREN, _QK_NORMS, ProbeInputs, ProbeModules, _rotary_fn
 
 _SILU = ("SiLU", "SiLUActivation")
-_QK_NORMS = {"q_norm", "k_norm"}
 _MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
 
 

@@ -157,6 +157,7 @@ def full_layer_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
 
 _FAST_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _FAST_ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_QK_NORMS = {"q_norm", "k_norm"}  # per-head norms of queries and keys (Qwen3), applied before the rotary
 
 
 def _rotary_fn(attn: nn.Module) -> Callable[..., Any] | None:
@@ -185,11 +186,13 @@ def _rotate_tokens_major(rotary: Callable[..., Any], x: torch.Tensor, cos: torch
 
 
 def supports_fast_probe(layer: nn.Module) -> bool:
-    """True for a Llama-style pre-norm layer: exactly these children and a standard rotary."""
+    """True for a Llama-style pre-norm layer: exactly these children (q/k norms allowed), any MLP
+    module (it runs on the K proxy positions only: a mixture of experts routes each token on its
+    own), and a standard rotary."""
     attn = getattr(layer, "self_attn", None)
     if attn is None or {n for n, _ in layer.named_children()} != _FAST_LAYER_CHILDREN:
         return False
-    if {n for n, _ in attn.named_children()} != _FAST_ATTN_CHILDREN:
+    if {n for n, _ in attn.named_children()} not in (_FAST_ATTN_CHILDREN, _FAST_ATTN_CHILDREN | _QK_NORMS):
         return False
     if getattr(attn, "sliding_window", None) is not None:
         return False
@@ -216,6 +219,7 @@ def fast_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
     groups = attn.num_key_value_groups
     v_proj = attn.v_proj
     values_by_weight = type(v_proj) is nn.Linear  # a plain Linear: its weight can be used directly
+    qk_norms = hasattr(attn, "q_norm")
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         # Runs outside inference mode: clones make inference tensors usable by autograd.
@@ -228,6 +232,8 @@ def fast_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
         xn = layer.input_layernorm(x)
         q = attn.q_proj(gather_tokens(xn, qpos)).view(b, k_count, -1, hd)  # (B, K, H, hd)
         k = attn.k_proj(xn).view(b, s, -1, hd)  # (B, S, Hkv, hd)
+        if qk_norms:  # Qwen3: per-head norms of queries and keys before the rotary
+            q, k = attn.q_norm(q), attn.k_norm(k)
         q = _rotate_tokens_major(rotary, q, cos_q, sin_q)
         k = _rotate_tokens_major(rotary, k, cos, sin)
         n_kv = k.shape[2]
