@@ -165,34 +165,47 @@ def _images_before(input_ids: torch.Tensor, sample: int, image_token_id: int, pe
     raise ValueError("the image grids in inputs do not match the image tokens in input_ids")
 
 
+# Each family's layout, as its adapter names it: (config, inputs, images, sample) -> views.
+def llava_views(config: Any, inputs: dict[str, Any], images: list[Any], sample: int) -> list[TokenView]:
+    return _llava_views(config, _sizes(images))
+
+
+def llava_next_views(config: Any, inputs: dict[str, Any], images: list[Any], sample: int) -> list[TokenView]:
+    return _llava_next_views(config, _sizes(images))
+
+
+def onevision_views(config: Any, inputs: dict[str, Any], images: list[Any], sample: int) -> list[TokenView]:
+    return _onevision_views(config, _sizes(images))
+
+
+def internvl_views(config: Any, inputs: dict[str, Any], images: list[Any], sample: int) -> list[TokenView]:
+    per_tile = int(config.image_seq_length)
+    runs = _runs(inputs["input_ids"][sample] == config.image_token_id)
+    if len(runs) != len(images) or any(n % per_tile for n in runs):
+        raise ValueError(f"sample {sample} has {len(runs)} image(s) of {runs} tokens (tiles of {per_tile}) but "
+                         f"{len(images)} image(s) were passed to account for them: pass exactly that sample's "
+                         f"images, in order")
+    return _internvl_views(config, _sizes(images), [n // per_tile for n in runs])
+
+
+def qwen_views(config: Any, inputs: dict[str, Any], images: list[Any], sample: int) -> list[TokenView]:
+    grids = inputs["image_grid_thw"]
+    merge = config.vision_config.spatial_merge_size
+    per_image = [int(g.prod()) // merge**2 for g in grids]
+    first = _images_before(inputs["input_ids"], sample, config.image_token_id, per_image)
+    return _qwen_views(config, _sizes(images), grids[first:first + len(images)])
+
+
 def token_views(model: Any, inputs: dict[str, Any], images: list[Any], sample: int = 0) -> list[TokenView]:
-    """Where each image token of ``sample`` comes from (its images, in order)."""
+    """Where each image token of ``sample`` comes from (its images, in order), by the layout its
+    family's adapter names."""
+    from .models import adapter_for
+
+    adapter = adapter_for(model)
+    if adapter.token_views is None:
+        raise ValueError(f"pio_fvlm.viz has no token layout for {adapter.name}")
     config = model.config
-    kind = config.model_type
-    sizes = _sizes(images)
-    if kind == "llava":
-        views = _llava_views(config, sizes)
-    elif kind == "llava_next":
-        views = _llava_next_views(config, sizes)
-    elif kind == "llava_onevision":
-        views = _onevision_views(config, sizes)
-    elif kind == "internvl":
-        per_tile = int(config.image_seq_length)
-        runs = _runs(inputs["input_ids"][sample] == config.image_token_id)
-        if len(runs) != len(images) or any(n % per_tile for n in runs):
-            raise ValueError(f"sample {sample} has {len(runs)} image(s) of {runs} tokens (tiles of {per_tile}) but "
-                             f"{len(images)} image(s) were passed to account for them: pass exactly that sample's "
-                             f"images, in order")
-        views = _internvl_views(config, sizes, [n // per_tile for n in runs])
-    elif kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
-        grids = inputs["image_grid_thw"]
-        merge = config.vision_config.spatial_merge_size
-        per_image = [int(g.prod()) // merge**2 for g in grids]
-        first = _images_before(inputs["input_ids"], sample, config.image_token_id, per_image)
-        views = _qwen_views(config, sizes, grids[first:first + len(images)])
-    else:
-        raise ValueError(f"pio_fvlm.viz draws LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2(.5)-VL, Qwen3-VL and InternVL "
-                         f"tokens; not {kind!r}")
+    views = adapter.token_views(config, inputs, images, sample)
     n_tokens = int((inputs["input_ids"][sample] == config.image_token_id).sum())
     n_mapped = sum(len(v.boxes) for v in views)
     if n_tokens != n_mapped:

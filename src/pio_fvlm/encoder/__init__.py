@@ -38,36 +38,21 @@ class EncoderInstall:
     method_patches: list[tuple[nn.Module, str, Any]] = field(default_factory=list)
 
 
-# Families without an encoder-side score, and why.
-_NO_ENCODER_MODE = {
-    "llava_onevision": "its SigLIP tower has no [CLS] token, and the [CLS] attention is what VisionZip ranks "
-                       "patches by",
-    "qwen3_vl": "the window scores are written for the Qwen2-VL / Qwen2.5-VL towers, and Qwen3-VL's DeepStack "
-                "features (added after decoder layers 0-2) would have to be reduced the same way; not covered yet",
-    "qwen3_vl_moe": "the window scores are written for the Qwen2-VL / Qwen2.5-VL towers, and Qwen3-VL's DeepStack "
-                    "features (added after decoder layers 0-2) would have to be reduced the same way; not covered yet",
-    "internvl": "each token the language model sees merges 2 x 2 tower patches (pixel shuffle) and every "
-                "image repeats as a thumbnail tile, so the tower's per-patch [CLS] attention does not rank "
-                "those tokens by itself",
-}
-
-
 def install_encoder(model: nn.Module, encoder_budget: int) -> EncoderInstall:
-    """Encoder mode for LLaVA-1.5 / LLaVA-NeXT (VisionZip-style on [CLS] attention) or Qwen2-VL /
-    Qwen2.5-VL (window-local + global on the tower's attention). Other models get a clear error."""
-    kind = getattr(getattr(model, "config", None), "model_type", None)
-    if kind in ("qwen2_vl", "qwen2_5_vl"):
-        return install_qwen_windows(model, encoder_budget)
-    if kind == "llava_next":
-        return install_next_tiles(model, encoder_budget)
-    if kind in _NO_ENCODER_MODE:
-        raise ValueError(f"encoder='visionzip' is not available for {type(model).__name__}: {_NO_ENCODER_MODE[kind]}. "
+    """The encoder mode its family's adapter names (LLaVA-1.5 / LLaVA-NeXT: VisionZip-style on [CLS]
+    attention; Qwen2-VL / Qwen2.5-VL: window-local + global on the tower's attention), or a clear
+    error saying why the family has none."""
+    from ..models import adapter_for
+
+    adapter = adapter_for(model)
+    if isinstance(adapter.encoder, str):
+        raise ValueError(f"encoder='visionzip' is not available for {type(model).__name__}: {adapter.encoder}. "
                          f"Use encoder=None (PIO-FVLM inside the language model works as for any family).")
-    if kind != "llava":
-        raise ValueError(
-            f"encoder='visionzip' is available for LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL; "
-            f"{type(model).__name__} (model_type {kind!r}) has no encoder of that kind here. Use encoder=None."
-        )
+    return adapter.encoder(model, encoder_budget)
+
+
+def install_llava_visionzip(model: nn.Module, encoder_budget: int) -> EncoderInstall:
+    """LLaVA-1.5: VisionZip-style dominant + contextual tokens per image (see :mod:`.visionzip`)."""
     selector, attn, budget = install_visionzip(model, encoder_budget)
     return EncoderInstall(selector, budget, [(attn, selector.capture.hook)])
 

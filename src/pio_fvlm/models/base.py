@@ -69,6 +69,10 @@ class Adapter:
         method_patches: ``(model, runtime) -> [(module, method name, stand-in), ...]``: methods of
             the model that must follow the pruning (installed on the instance by ``wrap``,
             removed by ``unwrap``), or None.
+        encoder: ``(model, encoder_budget) -> EncoderInstall`` for ``encoder="visionzip"``
+            (:mod:`pio_fvlm.encoder`), or the reason the family has no encoder mode.
+        token_views: ``(config, inputs, images, sample) -> [TokenView, ...]``: the image region of
+            each visual token, for :mod:`pio_fvlm.viz`; None when there is no layout.
     """
 
     name: str
@@ -76,3 +80,5 @@ class Adapter:
     find_parts: Callable[[nn.Module], ModelParts]
     position_modes: tuple[str, ...] = ("keep", "compact")
     method_patches: Callable[[nn.Module, Any], list[tuple[nn.Module, str, Any]]] | None = None
+    encoder: Callable[[nn.Module, int], Any] | str = "it has no encoder-side score here"
+    token_views: Callable[[Any, dict[str, Any], list[Any], int], list[Any]] | None = None
