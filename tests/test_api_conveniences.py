@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import standard_batch
+from helpers import standard_batch
 from pio_fvlm.testing import tiny_vlm
 
 

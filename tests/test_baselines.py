@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import n_visual, standard_batch
+from helpers import n_visual, standard_batch
 from pio_fvlm.select.baselines import (
     BASELINES,
     DartSelector,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import standard_batch
+from helpers import standard_batch
 from pio_fvlm.select import capture
 from pio_fvlm.select.closed_form import closed_form_saliency
 from pio_fvlm.testing import Prompt, make_batch, tiny_vlm

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import (
+from helpers import (
     assert_cached_equals_uncached_and_batch_equals_alone,
     assert_encoder_then_pio_stages,
     layer_lengths,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, load_script
+from helpers import REPO, load_script
 
 
 def _evaluation():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import pio_fvlm
-from conftest import load_script
+from helpers import load_script
 from pio_fvlm.testing import tiny_vlm
 
 

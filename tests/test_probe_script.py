@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import tiny_vlm as tv  # training/, on the test path
-from conftest import load_script
+from helpers import load_script
 
 
 def _probe_module():

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pio_fvlm
-from conftest import FixedSelector, n_visual
+from helpers import FixedSelector, n_visual
 from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_llava
 
 MODEL = tiny_llava(image_size=56, seed=31)  # 16 visual tokens per image

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_script
+from helpers import load_script
 from pio_fvlm import shapes_vlm as sv
 from pio_fvlm import synthetic as syn
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import FixedSelector
+from helpers import FixedSelector
 from pio_fvlm.testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, Prompt, make_batch, tiny_vlm
 
 # different visual counts and kept sets per row, left padding, images and a video (frames as separate runs)
@@ -99,7 +99,7 @@ def test_unwrap_removes_the_stand_in_and_a_copy_carries_it():
 def test_moe_variant_keeps_the_invariants():
     """Qwen3-VL-MoE (experts routed per token): the selection equals the naive reference, a padded
     batch equals each sample alone, cached decoding equals an uncached recompute."""
-    from conftest import assert_cached_equals_uncached_and_batch_equals_alone
+    from helpers import assert_cached_equals_uncached_and_batch_equals_alone
     from reference import naive_selection
 
     model = tiny_vlm("qwen3_vl_moe", seed=7)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import FixedSelector, layer_lengths, n_visual, standard_batch, standard_prompts
+from helpers import FixedSelector, layer_lengths, n_visual, standard_batch, standard_prompts
 from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import FixedSelector, assert_batch_equals_alone, layer_lengths, n_visual, standard_batch, standard_prompts
+from helpers import FixedSelector, assert_batch_equals_alone, layer_lengths, n_visual, standard_batch, standard_prompts
 from pio_fvlm.schedules import average_budget, preset, schedule_for
 from pio_fvlm.testing import FAMILIES, make_batch, tiny_vlm
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from conftest import standard_batch
+from helpers import standard_batch
 from pio_fvlm.select.saliency import (
     ProbeInputs,
     ProbeModules,
@@ -152,7 +152,7 @@ def test_shortest_row_just_fits_the_proxy_window_and_a_shorter_one_is_refused(fa
     """A left-padded row with exactly K + 1 tokens next to a long one: the selection equals the
     naive method and each row equals itself alone; one token fewer is a clear error, not a silent
     change of the proxy loss."""
-    from conftest import assert_batch_equals_alone
+    from helpers import assert_batch_equals_alone
 
     model = tiny_vlm(family, attn_implementation="sdpa", seed=8)
     prompts = [Prompt(before=[], after=[9]), Prompt(before=[5, 6, 7, 8], after=[9, 10, 11, 12, 13, 14], size=1)]

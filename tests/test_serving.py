@@ -165,7 +165,7 @@ def test_bad_settings_are_refused_at_startup_with_wraps_message():
 
 
 def test_load_benchmark_measures_a_running_server(server):
-    from conftest import load_script
+    from helpers import load_script
 
     bench = load_script("benchmarks/serve_load.py")
     bodies = bench.request_bodies("pio-fvlm-demo", 4, max_tokens=2)

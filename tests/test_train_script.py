@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tiny_vlm as tv  # training/, on the test path
-from conftest import load_script
+from helpers import load_script
 
 pytestmark = pytest.mark.slow  # each test runs the training script for a few steps
 
