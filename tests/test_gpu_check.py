@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py and benchmarks/selection_breakdown.py run on a GPU only when one is lent;
+"""benchmarks/gpu_check.py and benchmarks/selection_breakdown.py run on a GPU only when there is one;
 here their measuring functions run on tiny models in float32, where what they record must come
 out exact (on a GPU in bf16 the same numbers are measurements, not assertions)."""
 

@@ -19,45 +19,21 @@ Stages for a model that must bind attributes (docs/quality.md has the measured h
                                              # object the question names (colour questions)
 
 The shipped checkpoint, in one run from scratch (1 h 33 min on 2 CPU cores; 93.0 % on the test split,
-docs/quality.md, the twelfth one-run try):
+docs/quality.md; its records: training/records/recipe-12-shipped/):
 
-    python training/train_tiny_vlm.py --out runs/twelve --state-dir runs/twelve-state --steps 3400 \\
+    python training/train_tiny_vlm.py --out runs/demo --state-dir runs/demo-state --steps 3400 \\
         --vision-first 400 --ramp 1000 --vision-layers 4 --position-boost 6.0 --aux-balanced \\
         --aux-weights 1,4,1 --focus 1.0 --focus-relative 1.0 --drop 0.5 \\
         --question-weights color=2,position=1.5,count=0.5 --stem --aux-shape pooled \\
         --aux-shape-both-from 1400 --vision-lr 2e-4 --tower-lr 2e-4
 
-How it was found (each try from scratch; docs/quality.md has every command and result). The first
-(stop 15, 82.7 %):
-
-    python training/train_tiny_vlm.py --out runs/one --state-dir runs/one-state --steps 3800 \\
-        --vision-first 1200 --ramp 1000 --vision-layers 4 --position-boost 6.0 \\
-        --aux-balanced --aux-weights 1,4,1 --focus 1.0 --drop 0.5 \\
-        --question-weights color=2,position=1.5,count=0.5
-    # --position-boost is relative to the patch embeddings' norm when applied: a fresh tower's
-    # patches are ~4x weaker than after 200 steps, so from scratch it needs ~6 (1.0 left the
-    # column unreadable); --freeze-tower would save ~30 % per step but only after a tower
-    # that already sees shape (the vision-only steps alone did not teach it from scratch)
-    # (why: the per-patch shape target is ill-posed for interior patches and --vision-lr 2e-3 is
-    # too high for a fresh tower; training/probe_tower_shape.py and docs/quality.md, stop 17)
-
-A third try (stop 17, docs/quality.md: cut at step 2,000 by the session, 67.3 % test; not a two-hour result) adds
-what the tower-shape diagnosis points to: --stem --aux-shape pooled --vision-lr 2e-4 --tower-lr 2e-4
-(same command otherwise, --steps 2200 --vision-first 400). Run for --steps 3400 (stop 18, 2 h 3 min) it
-reached 86.0 % test, colour questions 66 - 71 %: its tokens carry shape only in an object's mean, so the
---focus head cannot find the named object (training/probe_binding.py). --aux-shape both (stop 19) adds
-the per-token target back: that run (stop 20) binds colour (100 %) but learnt shape per token late, 84.0 %
-test. In the --vision-first stage --tower-lr now holds for the tower alone (the projector and heads at
---vision-lr): a seventh try (--vision-first 1200 --vision-lr 2e-3 --tower-lr 2e-4 --steps 3800) was no better.
-The best one run before stop 25 (stop 21, 2 h 1 min, 88.3 % test) is the fourth run's command with
---aux-shape-both-from 1400: shape per token, but colour still unbound (68 - 70 %). The same with
---aux-shape-both-from 1000 (stop 22, 1 h 39 min) was worse, 81.7 %: colour as unbound, shape later.
-The sixth run's command with --vision-lr 2e-3 --aux-weights 1,6,1 (stop 23, 1 h 39 min) got per-token
-shape earlier but never bound colour (70.0 %): per-token shape is needed, not sufficient; 400 more steps
-with the rate back at 1e-3 began the binding (75.3 %). The eighth run's command with --restart-at 2600
---restart-lr 1e-3 (stop 24, 1 h 39 min; identical to the eighth up to step 2,600) did not bind: 86.7 %.
-The eighth run's command with --focus-relative 1.0 (stop 25, the command above): the supervised head
-learnt to tell the named object from the others (0.98 of its weight on it), colour 100 %, 93.0 % test.
+What each setting changed, with the records of the runs that measured it (recipe-01 .. recipe-12):
+training/records/notes.md. In short: --position-boost is relative to the patch embeddings' norm when
+applied (a fresh tower needs ~6); --stem and --aux-shape pooled get shape learnt at all in a fresh tower
+(the per-patch shape target is ill-posed for interior patches, and --vision-lr 2e-3 is too high for it:
+training/probe_tower_shape.py); the per-token target from step 1,400 (--aux-shape-both-from) gives
+tokens their object's shape; --focus-relative makes the supervised head tell the named object from the
+others (training/probe_binding.py), which is what colour questions need.
 
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
@@ -109,7 +85,7 @@ def learning_rates(step: int, args: argparse.Namespace, start: int) -> tuple[flo
     to ``--steps``); ``--tower-lr`` scales the tower's group to its own peak in both
     stages, so the projector and the auxiliary heads can learn fast while a fresh tower's features are
     kept (a tower at 2e-3 wrecks them; heads at 2e-4 leave even the colour of a patch unread for 400
-    steps: docs/quality.md, stops 17 and 20).
+    steps: training/records/notes.md).
     """
     if step < args.vision_first and not args.vision_only:
         lr, peak = lr_at(step, args.vision_first, args.vision_lr), args.vision_lr
@@ -133,7 +109,7 @@ def parameter_groups(model: torch.nn.Module, *heads: torch.nn.Module) -> tuple[l
 
 def aux_shape_at(step: int, args: argparse.Namespace) -> str:
     """The auxiliary loss's shape target at ``step``: ``--aux-shape``, or ``both`` from
-    ``--aux-shape-both-from`` on (pooled first gets shape learnt early, as in the fourth one-run try;
+    ``--aux-shape-both-from`` on (pooled first gets shape learnt early, as in recipe-04;
     the per-patch target then spreads it to every token, which binding needs: docs/quality.md)."""
     if args.aux_shape_both_from is not None and step >= args.aux_shape_both_from:
         return "both"
@@ -170,13 +146,13 @@ def main() -> None:
     p.add_argument("--tower-lr", type=float, default=None,
                    help="peak learning rate of the CLIP tower's own parameter group in both stages (it follows "
                         "the stage's warmup + cosine); default: the stage's peak (--vision-lr, then --lr), as the "
-                        "rest. A fresh tower's features are wrecked at 2e-3 (docs/quality.md, stop 17)")
+                        "rest. A fresh tower's features are wrecked at 2e-3 (training/records/notes.md)")
     p.add_argument("--aux-shape", choices=("patch", "pooled", "both"), default="patch",
                    help="shape target of the auxiliary loss: on every object patch, or once per object on its "
                         "patches' mean (shapes_vlm.object_shape_logits, a standardised linear head): shape is an "
                         "object's property, interior patches cannot show it; or both: the pooled target gets "
                         "shape learnt, the per-patch one puts it in every token, which the LM's attention needs to "
-                        "find the object a question names (docs/quality.md, stop 19)")
+                        "find the object a question names (training/records/notes.md)")
     p.add_argument("--aux-shape-both-from", type=int, default=None, metavar="STEP",
                    help="with --aux-shape pooled: add the per-patch shape target from STEP on (--aux-shape both "
                         "from then), once the tower has learnt shape at the object level")
@@ -199,7 +175,7 @@ def main() -> None:
     p.add_argument("--restart-at", type=int, default=None, metavar="STEP",
                    help="in the same run, warm up again from STEP and decay to --steps at --restart-lr: the rate "
                         "back up once the tokens carry shape, when the colour binding must form (docs/quality.md, "
-                        "stop 23's continuation); STEP is a step of the run, not of this invocation")
+                        "recipe-10's continuation); STEP is a step of the run, not of this invocation")
     p.add_argument("--restart-lr", type=float, default=None,
                    help="peak learning rate from --restart-at on (default: --lr)")
     p.add_argument("--text-layers", type=int, default=None,
