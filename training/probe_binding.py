@@ -2,7 +2,7 @@
 
     python training/probe_binding.py --model src/pio_fvlm/assets/tiny-llava-shapes   # ~2 min a model
 
-A diagnostic for the one-run training recipe (training/records/notes.md). Two measurements:
+A diagnostic for the demo model's training recipe (docs/quality.md). Two measurements:
 
 1. Per-patch shape: for every visual token that lies on an object, a closed-form ridge probe
    (``probe_tower_shape.ridge_accuracy``) reads the object's shape off the token's hidden state at

@@ -330,7 +330,7 @@ def object_shape_logits(features: torch.Tensor, labels: torch.Tensor,
 
     Shape is an object's property, not a patch's: the interior patches of all three shapes look
     alike, so a per-patch shape target asks them for what only the tower's attention can bring;
-    pooled over the object, edge orientations decide it (training/records/notes.md).
+    pooled over the object, edge orientations decide it (training/probe_tower_shape.py).
 
     Args:
         features: (B, 576, D) projected visual tokens.
@@ -361,7 +361,7 @@ def auxiliary_loss(logits: torch.Tensor, features: torch.Tensor, labels: torch.T
     target and the per-patch one: pooled gets shape learnt at all, but leaves it in the object's
     mean only (a per-patch probe reads it at 0.62 - 0.79 in the stop-18 model, 0.998 in the
     shipped one), and the LM's attention needs it in every token to find the object a question
-    names (training/records/notes.md).
+    names (training/probe_binding.py).
 
     Args:
         logits: (B, 576, sum(PATCH_CLASSES)), the per-patch head on ``features``.

@@ -27,8 +27,8 @@ docs/quality.md; its records: training/records/recipe-12-shipped/):
         --question-weights color=2,position=1.5,count=0.5 --stem --aux-shape pooled \\
         --aux-shape-both-from 1400 --vision-lr 2e-4 --tower-lr 2e-4
 
-What each setting changed, with the records of the runs that measured it (recipe-01 .. recipe-12):
-training/records/notes.md. In short: --position-boost is relative to the patch embeddings' norm when
+What each setting does (the logs, evaluations and retention of every run that measured them are in
+training/records/recipe-01 .. recipe-12-shipped): --position-boost is relative to the patch embeddings' norm when
 applied (a fresh tower needs ~6); --stem and --aux-shape pooled get shape learnt at all in a fresh tower
 (the per-patch shape target is ill-posed for interior patches, and --vision-lr 2e-3 is too high for it:
 training/probe_tower_shape.py); the per-token target from step 1,400 (--aux-shape-both-from) gives
@@ -85,7 +85,7 @@ def learning_rates(step: int, args: argparse.Namespace, start: int) -> tuple[flo
     to ``--steps``); ``--tower-lr`` scales the tower's group to its own peak in both
     stages, so the projector and the auxiliary heads can learn fast while a fresh tower's features are
     kept (a tower at 2e-3 wrecks them; heads at 2e-4 leave even the colour of a patch unread for 400
-    steps: training/records/notes.md).
+    steps: training/records/).
     """
     if step < args.vision_first and not args.vision_only:
         lr, peak = lr_at(step, args.vision_first, args.vision_lr), args.vision_lr
@@ -146,13 +146,13 @@ def main() -> None:
     p.add_argument("--tower-lr", type=float, default=None,
                    help="peak learning rate of the CLIP tower's own parameter group in both stages (it follows "
                         "the stage's warmup + cosine); default: the stage's peak (--vision-lr, then --lr), as the "
-                        "rest. A fresh tower's features are wrecked at 2e-3 (training/records/notes.md)")
+                        "rest. A fresh tower's features are wrecked at 2e-3 (training/probe_tower_shape.py)")
     p.add_argument("--aux-shape", choices=("patch", "pooled", "both"), default="patch",
                    help="shape target of the auxiliary loss: on every object patch, or once per object on its "
-                        "patches' mean (shapes_vlm.object_shape_logits, a standardised linear head): shape is an "
+                        "patches' mean (tiny_vlm.object_shape_logits, a standardised linear head): shape is an "
                         "object's property, interior patches cannot show it; or both: the pooled target gets "
                         "shape learnt, the per-patch one puts it in every token, which the LM's attention needs to "
-                        "find the object a question names (training/records/notes.md)")
+                        "find the object a question names (training/probe_binding.py)")
     p.add_argument("--aux-shape-both-from", type=int, default=None, metavar="STEP",
                    help="with --aux-shape pooled: add the per-patch shape target from STEP on (--aux-shape both "
                         "from then), once the tower has learnt shape at the object level")

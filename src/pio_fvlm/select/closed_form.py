@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..tensor_ops import gather_tokens
-from .saliency import _FAST_ATTN_CHILDREN, _FAST_LAYER_CHILDREN, _QK_NORMS, ProbeInputs, ProbeModules, _rotary_fn
+from .saliency import ProbeInputs, ProbeModules, supports_fast_probe
 
 _SILU = ("SiLU", "SiLUActivation")
 _MLP_CHILDREN = {"gate_proj", "up_proj", "down_proj", "act_fn"}
@@ -52,18 +52,11 @@ def _is_rms_norm(norm: Any) -> bool:
 
 def supports_closed_form(layer: nn.Module, norm: nn.Module, head: nn.Module) -> bool:
     """True when the closed-form probe computes exactly what this layer, norm and head do."""
+    if not supports_fast_probe(layer):  # the attention layout and rotary (q/k norms allowed)
+        return False
     lay: Any = layer
-    attn = getattr(lay, "self_attn", None)
-    if attn is None or {n for n, _ in lay.named_children()} != _FAST_LAYER_CHILDREN:
-        return False
-    attn_children = {n for n, _ in attn.named_children()}
-    if attn_children not in (_FAST_ATTN_CHILDREN, _FAST_ATTN_CHILDREN | _QK_NORMS):
-        return False
-    if attn_children & _QK_NORMS and not (_is_rms_norm(attn.q_norm) and _is_rms_norm(attn.k_norm)):
-        return False
-    if getattr(attn, "sliding_window", None) is not None or _rotary_fn(attn) is None:
-        return False
-    if not all(hasattr(attn, a) for a in ("head_dim", "scaling", "num_key_value_groups")):
+    attn = lay.self_attn
+    if hasattr(attn, "q_norm") and not (_is_rms_norm(attn.q_norm) and _is_rms_norm(attn.k_norm)):
         return False
     mlp = lay.mlp
     linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, head]
