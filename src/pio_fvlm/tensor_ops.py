@@ -1,4 +1,5 @@
-"""Small gathers shared by the selection core and the runtime."""
+"""Small gathers and the attention-weight softmax shared by the selection core, the encoder
+mode and the runtime."""
 
 from __future__ import annotations
 
@@ -20,3 +21,24 @@ def gather_position_ids(pos: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     b, s_new = index.shape
     pos = pos.expand(*lead, b, pos.shape[-1])
     return pos.gather(-1, index.expand(*lead, b, s_new))
+
+
+def attention_probs(queries: torch.Tensor, keys: torch.Tensor, scale: float,
+                    allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention weights from queries and keys that are already projected (and rotated).
+
+    Every place that recomputes an attention map from a layer's projections (the fused
+    attention backends return no weights) ends here, each doing its own projection layout.
+
+    Args:
+        queries: (..., P, hd).
+        keys: (..., S, hd), the same leading dimensions.
+        scale: the layer's score scale (usually hd ** -0.5).
+        allowed: bool, broadcastable to (..., P, S): the keys each query may see; None = all.
+    Returns:
+        (..., P, S) fp32 weights, each row summing to one.
+    """
+    scores = (queries @ keys.transpose(-1, -2)).float() * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1)

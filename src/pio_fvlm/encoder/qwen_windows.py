@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..select.selector import SelectionRequest
+from ..tensor_ops import attention_probs
 from .visionzip import dominant_and_contextual, images_of_sample, share_budget, split_dominant
 
 QUERY_CHUNK = 1024  # queries per softmax chunk: bounds memory at (heads, chunk, patches)
@@ -129,7 +130,7 @@ class QwenAttentionCapture:
                 keys = k_rot[a : a + per_frame].transpose(0, 1).float()  # (H, n, hd)
                 for c in range(0, per_frame, QUERY_CHUNK):
                     queries = q_rot[a + c : a + min(per_frame, c + QUERY_CHUNK)].transpose(0, 1).float()
-                    probs = (queries @ keys.transpose(1, 2) * attn.scaling).softmax(-1)  # (H, chunk, n)
+                    probs = attention_probs(queries, keys, attn.scaling)  # (H, chunk, n)
                     received[f * per_frame : (f + 1) * per_frame] += probs.sum((0, 1))
                 received[f * per_frame : (f + 1) * per_frame] /= attn.num_heads * per_frame
             score_w = received.view(-1, unit).sum(1)  # merged tokens, window order

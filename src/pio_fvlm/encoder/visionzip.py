@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..select.selector import SelectionRequest
+from ..tensor_ops import attention_probs
 
 DOMINANT_SHARE = 54 / 64  # VisionZip's dominant / total split
 
@@ -65,7 +66,7 @@ class ClsAttentionCapture:
         n, s, _ = h.shape
         q = attn.q_proj(h[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(h).view(n, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # (n, H, s, hd)
-        cls_attention = ((q @ k.transpose(2, 3)).float() * attn.scale).softmax(-1).mean(1).squeeze(1)  # (n, s)
+        cls_attention = attention_probs(q, k, attn.scale).mean(1).squeeze(1)  # (n, s)
         keys = k.mean(1).float()  # (n, s, hd)
         if self.drop_cls:
             cls_attention, keys = cls_attention[:, 1:], keys[:, 1:]

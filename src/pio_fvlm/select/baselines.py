@@ -12,14 +12,14 @@ layer, like PIO-FVLM, so that a comparison differs only in the choice.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..tensor_ops import gather_tokens
+from ..tensor_ops import attention_probs, gather_tokens
 from .nms import select_with_nms
+from .saliency import rotated_queries_keys
 from .selector import SelectionRequest
 
 
@@ -138,19 +138,9 @@ def attention_rows(attn: Any, xn: torch.Tensor, position_embeddings: tuple[torch
         allowed: (B, P or 1, S) bool, the keys each query may see.
     Returns: (B, H, P, S) float attention weights.
     """
-    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    b, s, _ = xn.shape
-    hd = attn.head_dim
-    q = attn.q_proj(gather_tokens(xn, rows)).view(b, rows.shape[1], -1, hd)
-    k = attn.k_proj(xn).view(b, s, -1, hd)
-    if hasattr(attn, "q_norm"):  # Qwen3: per-head norms of queries and keys before the rotary
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    cos, sin = position_embeddings
-    q = rotary(q, q, gather_tokens(cos, rows), gather_tokens(sin, rows))[0]
-    k = rotary(k, k, cos, sin)[0].repeat_interleave(attn.num_key_value_groups, dim=1)
-    scores = (q @ k.transpose(2, 3)).float() * attn.scaling  # (B, H, P, S)
-    return scores.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(-1)
+    q, k = rotated_queries_keys(attn, xn, rows, *position_embeddings)  # (B, P, H, hd), (B, S, Hkv, hd)
+    k = k.repeat_interleave(attn.num_key_value_groups, dim=2)
+    return attention_probs(q.transpose(1, 2), k.transpose(1, 2), attn.scaling, allowed.unsqueeze(1))
 
 
 class FastVSelector:

@@ -185,6 +185,31 @@ def _rotate_tokens_major(rotary: Callable[..., Any], x: torch.Tensor, cos: torch
     return rotary(heads_major, heads_major[:, :1], cos, sin)[0].transpose(1, 2)
 
 
+def rotated_queries_keys(attn: Any, xn: torch.Tensor, rows: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Llama-style attention's queries at a few rows and keys of every token, from its own
+    projections, q/k norms (Qwen3) and rotary, tokens-major.
+
+    Args:
+        attn: the layer's ``self_attn`` (q_proj, k_proj, head_dim; q_norm / k_norm if present).
+        xn: (B, S, D) the attention's input (after the layer's input norm).
+        rows: (B, P) the query positions.
+        cos, sin: (B or 1, S, hd) the layer's rotary tables.
+    Returns:
+        q: (B, P, H, hd); k: (B, S, H_kv, hd).
+    """
+    rotary = _rotary_fn(attn)
+    assert rotary is not None, "a Llama-style attention module has an apply_rotary_pos_emb beside it"
+    b, s, _ = xn.shape
+    hd = attn.head_dim
+    q = attn.q_proj(gather_tokens(xn, rows)).view(b, rows.shape[1], -1, hd)
+    k = attn.k_proj(xn).view(b, s, -1, hd)
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head norms of queries and keys before the rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = _rotate_tokens_major(rotary, q, gather_tokens(cos, rows), gather_tokens(sin, rows))
+    return q, _rotate_tokens_major(rotary, k, cos, sin)
+
+
 def supports_fast_probe(layer: nn.Module) -> bool:
     """True for a Llama-style pre-norm layer: exactly these children (q/k norms allowed), any MLP
     module (it runs on the K proxy positions only: a mixture of experts routes each token on its
@@ -211,31 +236,23 @@ def fast_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
     """
     layer: Any = mods.layer  # HF modules: attributes are dynamic
     attn: Any = layer.self_attn
-    rotary = _rotary_fn(attn)
-    assert rotary is not None and inp.position_embeddings is not None
+    assert _rotary_fn(attn) is not None and inp.position_embeddings is not None
     b, s, d = inp.hidden.shape
     k_count = inp.query_positions.shape[1]
     hd = attn.head_dim
     groups = attn.num_key_value_groups
     v_proj = attn.v_proj
     values_by_weight = type(v_proj) is nn.Linear  # a plain Linear: its weight can be used directly
-    qk_norms = hasattr(attn, "q_norm")
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         # Runs outside inference mode: clones make inference tensors usable by autograd.
         qpos = inp.query_positions.clone()
         cos, sin = (t.detach().clone() for t in inp.position_embeddings)  # type: ignore[union-attr]
         cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-        cos_q, sin_q = gather_tokens(cos, qpos), gather_tokens(sin, qpos)
         key_pos = torch.arange(s, device=qpos.device)
         allowed = inp.valid.clone().unsqueeze(2) & (key_pos.view(1, s, 1) <= qpos.unsqueeze(1))  # (B, S, K)
         xn = layer.input_layernorm(x)
-        q = attn.q_proj(gather_tokens(xn, qpos)).view(b, k_count, -1, hd)  # (B, K, H, hd)
-        k = attn.k_proj(xn).view(b, s, -1, hd)  # (B, S, Hkv, hd)
-        if qk_norms:  # Qwen3: per-head norms of queries and keys before the rotary
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = _rotate_tokens_major(rotary, q, cos_q, sin_q)
-        k = _rotate_tokens_major(rotary, k, cos, sin)
+        q, k = rotated_queries_keys(attn, xn, qpos, cos, sin)  # (B, K, H, hd), (B, S, Hkv, hd)
         n_kv = k.shape[2]
         # All heads' scores in one plain matmul: keys (B, S, Hkv*hd) times the queries laid out
         # block-diagonally (B, Hkv*hd, H*K); column h*K + i is query i of head h (HF order
