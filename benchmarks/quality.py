@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
 import pio_fvlm
@@ -178,11 +179,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args)
     items = sv.eval_set_with_owners(args.items)
     split = [item for item, _ in items]
+    # one tick per evaluation of the split: all tokens, blank image, two floors, every variant x budget
+    progress = tqdm(total=4 + len(args.variants) * len(args.budgets), desc="evaluations", unit="eval")
     full = sv.evaluate(model, split)
+    progress.update()
     blank = sv.evaluate(model, split, blank=True)["all"]
+    progress.update()
     prior = answer_prior(split)
-    print(f"all {sv.N_VISUAL} tokens: {full['all']:.1%}   blank image: {blank:.1%}   "
-          f"best constant answer per question type: {prior:.1%}")
+    progress.write(f"all {sv.N_VISUAL} tokens: {full['all']:.1%}   blank image: {blank:.1%}   "
+                   f"best constant answer per question type: {prior:.1%}")
     # How much the text has already read from the image before the prune layer: keep a single
     # (evenly placed) visual token from there on. Any selector at that layer starts from this.
     floor = {}
@@ -190,13 +195,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         pio_fvlm.wrap(model, budget=1, layer=layer, selector=UniformSelector())
         floor[layer] = sv.evaluate(model, split)["all"]
         pio_fvlm.unwrap(model)
-        print(f"one visual token left from layer {layer} on: {floor[layer]:.1%} "
-              f"(retention {floor[layer] / full['all']:.1%})")
+        progress.update()
+        progress.write(f"one visual token left from layer {layer} on: {floor[layer]:.1%} "
+                       f"(retention {floor[layer] / full['all']:.1%})")
     rows: dict[str, dict[int, float]] = {}
     coverage: dict[str, dict[int, float]] = {}
     token_share: dict[str, dict[int, float]] = {}
     header = f"{'selector':<22}" + "".join(f"{b:>9}" for b in args.budgets)
-    print("retention (accuracy / all-token accuracy)\n" + header)
+    progress.write("retention (accuracy / all-token accuracy)\n" + header)
     for name in args.variants:
         rows[name], coverage[name], token_share[name] = {}, {}, {}
         for budget in args.budgets:
@@ -206,9 +212,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             pio_fvlm.wrap(model, budget=budget, **kwargs)
             rows[name][budget], coverage[name][budget], token_share[name][budget] = accuracy_and_coverage(model, items)
             pio_fvlm.unwrap(model)
-        print(f"{name:<22}" + "".join(f"{rows[name][b] / full['all']:>9.1%}" for b in args.budgets)
-              + "   objects seen: " + " ".join(f"{coverage[name][b]:.0%}" for b in args.budgets)
-              + "   their tokens kept: " + " ".join(f"{token_share[name][b]:.0%}" for b in args.budgets), flush=True)
+            progress.update()
+        progress.write(f"{name:<22}" + "".join(f"{rows[name][b] / full['all']:>9.1%}" for b in args.budgets)
+                       + "   objects seen: " + " ".join(f"{coverage[name][b]:.0%}" for b in args.budgets)
+                       + "   their tokens kept: " + " ".join(f"{token_share[name][b]:.0%}" for b in args.budgets))
+    progress.close()
     result = {"items": args.items, "device": str(model.device), "dtype": args.dtype, "attn": args.attn,
               "full": full, "blank": blank, "answer_prior": prior, "accuracy": rows,
               "one_token_from_layer": floor, "questions_with_every_object_kept": coverage,

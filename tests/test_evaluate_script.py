@@ -41,7 +41,9 @@ def test_shipped_checkpoint_reads_images_and_lines_parse(tmp_path: Path, capsys:
     evaluation = _evaluation()
     out = tmp_path / "eval.json"
     results = evaluation.main(["--scale", "0.05", "--out", str(out)])  # the shipped checkpoint, 15 test questions
-    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines())
+    printed = capsys.readouterr()
+    assert "splits: 100%" in printed.err and "4/4" in printed.err  # progress as it goes
+    lines = dict(line.split(" ", 1) for line in printed.out.splitlines())
     assert list(lines) == ["val600", "test300", "blank300", "seed555123"]
     assert json.loads(lines["test300"])["all"] == round(results["test300"]["all"], 3)
     assert json.loads(out.read_text()) == results

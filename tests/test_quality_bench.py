@@ -17,13 +17,16 @@ def load_quality():
     return load_script("benchmarks/quality.py")
 
 
-def test_quality_benchmark_runs_and_counts_kept_object_tokens_exactly(tmp_path):
+def test_quality_benchmark_runs_and_counts_kept_object_tokens_exactly(tmp_path, capsys):
     quality = load_quality()
     out = tmp_path / "q.json"
     budget, n = 16, 10
     result = quality.main(["--items", str(n), "--budgets", str(budget), "--variants", "pio", "oracle (layer 1)",
                            "--out", str(out)])
     assert torch.is_grad_enabled()  # the benchmark leaves the caller's grad mode alone
+    # progress as it goes: all tokens, blank, two floors, then 2 variants x 1 budget
+    progress = capsys.readouterr().err
+    assert "evaluations: 100%" in progress and "6/6" in progress
     assert 0 < result["answer_prior"] < 1 and 0 <= result["blank"] <= 1
     expected = []
     for (_, objects, qa), owners in sv.eval_set_with_owners(n):

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
 from pio_fvlm import shapes_vlm as sv
@@ -43,9 +44,10 @@ def splits(scale: float = 1.0) -> dict[str, tuple[list[sv.EvalItem], bool]]:
 def evaluate_all(model: torch.nn.Module, scale: float = 1.0) -> dict[str, dict[str, float]]:
     """Accuracy (``shapes_vlm.evaluate``'s dict) on every split of :func:`splits`, printed as it goes."""
     results = {}
-    for name, (split, blank) in splits(scale).items():
+    progress = tqdm(splits(scale).items(), desc="splits", unit="split")
+    for name, (split, blank) in progress:
         results[name] = sv.evaluate(model, split, blank=blank)
-        print(name, json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
+        progress.write(f"{name} {json.dumps({k: round(v, 3) for k, v in results[name].items()})}")
     return results
 
 

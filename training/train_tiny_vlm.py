@@ -369,7 +369,8 @@ def main() -> None:
                   f"{relative_text}"
                   f"(object patches: colour {seen[0]:.2f} shape{' (pooled)' if aux_shape == 'pooled' else ''} "
                   f"{seen[1]:.2f} column {seen[2]:.2f}) "
-                  f"objects<={objects} lr {lr:.2e} {rate:.2f} s/step", flush=True)
+                  f"objects<={objects} lr {lr:.2e} {rate:.2f} s/step, "
+                  f"about {rate * (args.steps - step) / 60:.0f} min to step {args.steps}", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             acc = sv.evaluate(model, split)
