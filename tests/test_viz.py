@@ -7,7 +7,17 @@ import torch
 from PIL import Image
 
 import pio_fvlm
-from pio_fvlm.testing import FAMILIES, NEXT_IMAGE_SIZES, QWEN_IMAGE_GRIDS, Prompt, make_batch, tiny_vlm
+from pio_fvlm.testing import (
+    FAMILIES,
+    NEXT_IMAGE_SIZES,
+    ONEVISION_VIDEO_FRAMES,
+    QWEN_IMAGE_GRIDS,
+    QWEN_VIDEO_GRID,
+    VIDEO_FAMILIES,
+    Prompt,
+    make_batch,
+    tiny_vlm,
+)
 from pio_fvlm.viz import draw_boxes, draw_selection, kept_flags, token_views
 
 
@@ -102,3 +112,54 @@ def test_internvl_tiles_cover_the_image_in_the_processors_layout():
     assert np.allclose(tiles[0, :, 0].min(), 0) and np.allclose(tiles[0, :, 2].max(), 45)
     assert np.allclose(tiles[1, :, 0].min(), 45) and np.allclose(tiles[1, :, 2].max(), 90)
     assert np.allclose(views[1].boxes[-1], [45, 20, 90, 40])  # the thumbnail's last token: bottom right
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_tokens_map_to_their_frames(family):
+    model = tiny_vlm(family)
+    prompts = [Prompt([11], [13, 14, 15, 16, 17], videos=1), Prompt([11, 12], [13, 14, 15, 16, 17, 18])]
+    batch = make_batch(model, prompts)
+    pio_fvlm.wrap(model, budget=3)
+    with torch.no_grad():
+        model(**batch)
+    if family == "llava_onevision":
+        frames = [Image.new("RGB", (40, 30), (200, 200, 200)) for _ in range(ONEVISION_VIDEO_FRAMES)]
+        expected_frames = list(range(ONEVISION_VIDEO_FRAMES))
+    else:
+        t, h, w = QWEN_VIDEO_GRID
+        patch, step = model.config.vision_config.patch_size, model.config.vision_config.temporal_patch_size
+        frames = [Image.new("RGB", (w * patch, h * patch), (200, 200, 200)) for _ in range(t * step)]
+        expected_frames = [k * step for k in range(t)]
+    images = _images_for(model, prompts[0])
+    views = token_views(model, batch, images, sample=0, videos=[frames])
+    video_views = [v for v in views if v.frame is not None]
+    assert [v.frame for v in video_views] == expected_frames
+    n_video_tokens = int((batch["input_ids"][0] == model.config.video_token_id).sum())
+    assert sum(len(v.boxes) for v in video_views) == n_video_tokens
+    for view in video_views:  # every region lies inside its frame
+        ok = view.boxes[~np.isnan(view.boxes).any(1)]
+        frame = frames[view.frame]
+        assert len(ok) and (ok >= -1e-6).all()
+        assert (ok[:, 2] <= frame.width + 1e-6).all() and (ok[:, 3] <= frame.height + 1e-6).all()
+    if family == "llava_onevision":  # the newline after the video has no region
+        assert np.isnan(video_views[-1].boxes[-1]).all() and not np.isnan(video_views[0].boxes).any()
+    else:  # merged 2 x 2 patches, row-major, the same grid on every temporal patch
+        assert video_views[0].boxes.tolist() == video_views[1].boxes.tolist()
+        assert video_views[0].boxes[1].tolist() == [2 * patch, 0, 4 * patch, 2 * patch]
+    kept = pio_fvlm.last_selection(model)[0]
+    ids = batch["input_ids"][0]
+    flags = [kept_flags(kept, ids, model.config.image_token_id), kept_flags(kept, ids, model.config.video_token_id)]
+    assert sum(int(f.sum()) for f in flags) == 3  # the budget, images and video together
+    picture = draw_selection(model, batch, images, sample=0, videos=[frames])
+    assert picture.width == sum(
+        (images[v.image_index] if v.frame is None else frames[v.frame]).width for v in views) + 8 * (len(views) - 1)
+    with pytest.raises(ValueError, match="pass exactly that sample's videos"):
+        token_views(model, batch, images, sample=0, videos=[frames, frames])
+
+
+def test_a_family_without_videos_says_so():
+    model = tiny_vlm("llava")
+    batch = make_batch(model, [Prompt([11], [13, 14])])
+    images = _images_for(model, Prompt([11], [13, 14]))
+    with pytest.raises(ValueError, match="no video token layout for LLaVA"):
+        token_views(model, batch, images, videos=[[images[0]]])

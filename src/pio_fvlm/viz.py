@@ -16,8 +16,13 @@ Every visual token is mapped to the image region it was computed from, per famil
   then the thumbnail tile over the whole image. The tile layout is the one with the image's tile
   count whose aspect ratio is closest to the image's (the processor's rule).
 
+Video tokens (pass the frames as ``videos=``) map to their frame's grid: Qwen2-VL / Qwen2.5-VL /
+Qwen3-VL merged patches, one picture per temporal patch (its first frame; a temporal patch spans
+``temporal_patch_size`` frames); LLaVA-OneVision's pooled grid (half the tower's side), one picture
+per frame, and the newline after the video has no region.
+
 Dropped regions are darkened, kept ones keep their colours and get an outline. One picture per
-image and view, side by side. Video tokens are not drawn.
+image and view (and per video frame), side by side.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ class TokenView:
     """The visual tokens of one image in one view, in sequence order.
 
     ``boxes``: (n, 4) float (x0, y0, x1, y1) in the original image's pixels; NaN rows for tokens
-    without a region (LLaVA-NeXT newlines, a CLS token)."""
+    without a region (LLaVA-NeXT newlines, a CLS token). ``frame``: None for an image; for a
+    video, the frame (of video ``image_index``) that the boxes are drawn on."""
 
     image_index: int
     name: str
     boxes: np.ndarray
+    frame: int | None = None
 
 
 def _grid_boxes(rows: int, cols: int, x0: float, y0: float, width: float, height: float) -> np.ndarray:
@@ -196,9 +203,59 @@ def qwen_views(config: Any, inputs: dict[str, Any], images: list[Any], sample: i
     return _qwen_views(config, _sizes(images), grids[first:first + len(images)])
 
 
-def token_views(model: Any, inputs: dict[str, Any], images: list[Any], sample: int = 0) -> list[TokenView]:
-    """Where each image token of ``sample`` comes from (its images, in order), by the layout its
-    family's adapter names."""
+def qwen_video_views(config: Any, inputs: dict[str, Any], videos: list[Any], sample: int) -> list[TokenView]:
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: per temporal patch, the merged grid over its first frame."""
+    grids = inputs["video_grid_thw"]
+    merge = config.vision_config.spatial_merge_size
+    step = int(config.vision_config.temporal_patch_size)
+    per_video = [int(g.prod()) // merge**2 for g in grids]
+    first = _images_before(inputs["input_ids"], sample, config.video_token_id, per_video)
+    chosen = grids[first:first + len(videos)].tolist()
+    if len(chosen) != len(videos):
+        raise ValueError(f"sample {sample} has {len(chosen)} video(s) but {len(videos)} were passed: pass exactly "
+                         f"that sample's videos, in order")
+    views = []
+    for v, (video, (t, h, w)) in enumerate(zip(videos, chosen)):
+        (width, height), = _sizes([video[0]])
+        boxes = _grid_boxes(h // merge, w // merge, 0, 0, width, height)
+        views += [TokenView(v, f"frame {k * step}", boxes, frame=min(k * step, len(video) - 1)) for k in range(t)]
+    return views
+
+
+def onevision_video_views(config: Any, inputs: dict[str, Any], videos: list[Any], sample: int
+                          ) -> list[TokenView]:
+    """LLaVA-OneVision: per frame, the tower's grid pooled to half its side; one newline per video."""
+    pooled = math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)
+    views = []
+    for v, video in enumerate(videos):
+        (width, height), = _sizes([video[0]])
+        boxes = _grid_boxes(pooled, pooled, 0, 0, width, height)
+        for f in range(len(video)):
+            last = f == len(video) - 1  # the newline closes the video
+            views.append(TokenView(v, f"frame {f}", np.concatenate([boxes, _no_region(1)]) if last else boxes,
+                                   frame=f))
+    return views
+
+
+def _check_counts(inputs: dict[str, Any], sample: int, token_id: int, views: list[TokenView], n_items: int,
+                  kind: str) -> None:
+    n_tokens = int((inputs["input_ids"][sample] == token_id).sum())
+    n_mapped = sum(len(v.boxes) for v in views)
+    if n_tokens != n_mapped:
+        raise ValueError(f"sample {sample} has {n_tokens} {kind} tokens but its {n_items} {kind}(s) "
+                         f"account for {n_mapped}: pass exactly that sample's {kind}s, in order")
+
+
+def token_views(model: Any, inputs: dict[str, Any], images: list[Any], sample: int = 0,
+                videos: list[Any] | None = None) -> list[TokenView]:
+    """Where each visual token of ``sample`` comes from (its images, then its videos, each in
+    order), by the layout its family's adapter names.
+
+    Args:
+        images: the sample's images (PIL or (H, W, 3) arrays).
+        videos: the sample's videos, each a sequence of frames (PIL or (H, W, 3) arrays), or None
+            to leave video tokens undrawn.
+    """
     from .models import adapter_for
 
     adapter = adapter_for(model)
@@ -206,11 +263,13 @@ def token_views(model: Any, inputs: dict[str, Any], images: list[Any], sample: i
         raise ValueError(f"pio_fvlm.viz has no token layout for {adapter.name}")
     config = model.config
     views = adapter.token_views(config, inputs, images, sample)
-    n_tokens = int((inputs["input_ids"][sample] == config.image_token_id).sum())
-    n_mapped = sum(len(v.boxes) for v in views)
-    if n_tokens != n_mapped:
-        raise ValueError(f"sample {sample} has {n_tokens} image tokens but its {len(images)} image(s) "
-                         f"account for {n_mapped}: pass exactly that sample's images, in order")
+    _check_counts(inputs, sample, config.image_token_id, views, len(images), "image")
+    if videos:
+        if adapter.video_views is None:
+            raise ValueError(f"pio_fvlm.viz has no video token layout for {adapter.name}")
+        video_views = adapter.video_views(config, inputs, list(videos), sample)
+        _check_counts(inputs, sample, config.video_token_id, video_views, len(videos), "video")
+        views += video_views
     return views
 
 
@@ -284,21 +343,28 @@ def draw_kept(image: Any, grid: np.ndarray, size: int = 336, dim: float = 0.25) 
 
 
 def draw_selection(model: Any, inputs: dict[str, Any], images: list[Any], sample: int = 0,
-                   stage: int = -1) -> Any:
+                   stage: int = -1, videos: list[Any] | None = None) -> Any:
     """The last call's kept tokens of ``sample`` over its ``images`` (one picture per image and
-    view, side by side). ``inputs`` are the processor outputs that were passed to the model."""
+    view, side by side) and, given ``videos`` (each a sequence of frames), over their frames.
+    ``inputs`` are the processor outputs that were passed to the model."""
     from .api import last_selection
 
     selection = last_selection(model, stage=stage)
     if selection is None:
         raise ValueError("no selection recorded: wrap the model and run it on `inputs` first")
-    views = token_views(model, inputs, images, sample)
-    flags = kept_flags(selection[sample].cpu(), inputs["input_ids"][sample].cpu(), model.config.image_token_id)
-    pictures, start = [], 0
+    views = token_views(model, inputs, images, sample, videos)
+    kept, ids = selection[sample].cpu(), inputs["input_ids"][sample].cpu()
+    frames = list(videos or [])
+    flags = {"image": kept_flags(kept, ids, model.config.image_token_id)}
+    if frames:
+        flags["video"] = kept_flags(kept, ids, model.config.video_token_id)
+    pictures, start = [], {"image": 0, "video": 0}
     for view in views:
+        kind = "image" if view.frame is None else "video"
         n = len(view.boxes)
-        pictures.append(draw_boxes(images[view.image_index], view.boxes, flags[start:start + n]))
-        start += n
+        picture = images[view.image_index] if view.frame is None else frames[view.image_index][view.frame]
+        pictures.append(draw_boxes(picture, view.boxes, flags[kind][start[kind]:start[kind] + n]))
+        start[kind] += n
     return side_by_side(pictures)
 
 

@@ -73,6 +73,8 @@ class Adapter:
             (:mod:`pio_fvlm.encoder`), or the reason the family has no encoder mode.
         token_views: ``(config, inputs, images, sample) -> [TokenView, ...]``: the image region of
             each visual token, for :mod:`pio_fvlm.viz`; None when there is no layout.
+        video_views: ``(config, inputs, videos, sample) -> [TokenView, ...]``: the same for video
+            tokens (each video a sequence of frames); None for a family without videos.
     """
 
     name: str
@@ -82,3 +84,4 @@ class Adapter:
     method_patches: Callable[[nn.Module, Any], list[tuple[nn.Module, str, Any]]] | None = None
     encoder: Callable[[nn.Module, int], Any] | str = "it has no encoder-side score here"
     token_views: Callable[[Any, dict[str, Any], list[Any], int], list[Any]] | None = None
+    video_views: Callable[[Any, dict[str, Any], list[Any], int], list[Any]] | None = None

@@ -7,7 +7,7 @@ from functools import partial
 from typing import Any
 
 from ..encoder import install_llava_visionzip, install_next_tiles
-from ..viz import llava_next_views, llava_views, onevision_views
+from ..viz import llava_next_views, llava_views, onevision_video_views, onevision_views
 from .base import Adapter, language_model_parts
 
 
@@ -51,4 +51,5 @@ LLAVA_ONEVISION = Adapter(
     find_parts=partial(language_model_parts, visual_ids=_image_and_video_ids),
     encoder="its SigLIP tower has no [CLS] token, and the [CLS] attention is what VisionZip ranks patches by",
     token_views=onevision_views,
+    video_views=onevision_video_views,
 )

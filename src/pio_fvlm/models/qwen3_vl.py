@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..viz import qwen_views
+from ..viz import qwen_video_views, qwen_views
 from .base import Adapter, language_model_parts
 
 
@@ -78,4 +78,5 @@ QWEN3_VL = Adapter(
     encoder="the window scores are written for the Qwen2-VL / Qwen2.5-VL towers, and Qwen3-VL's DeepStack features "
             "(added after decoder layers 0-2) would have to be reduced the same way; not covered yet",
     token_views=qwen_views,
+    video_views=qwen_video_views,
 )

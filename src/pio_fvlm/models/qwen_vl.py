@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from ..encoder import install_qwen_windows
-from ..viz import qwen_views
+from ..viz import qwen_video_views, qwen_views
 from .base import Adapter, language_model_parts
 
 
@@ -29,6 +29,7 @@ QWEN2_VL = Adapter(
     position_modes=("keep",),
     encoder=install_qwen_windows,
     token_views=qwen_views,
+    video_views=qwen_video_views,
 )
 QWEN2_5_VL = Adapter(
     name="Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
@@ -37,4 +38,5 @@ QWEN2_5_VL = Adapter(
     position_modes=("keep",),
     encoder=install_qwen_windows,
     token_views=qwen_views,
+    video_views=qwen_video_views,
 )
