@@ -253,3 +253,37 @@ def test_a_reused_cache_object_starts_clean():
         next_reused = model(**step, cache=reused, use_cache=True).logits
     torch.testing.assert_close(again, fresh)
     torch.testing.assert_close(next_reused, next_fresh)
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+def test_a_continued_chunk_with_padding_equals_each_row_alone(positions):
+    """A multi-token call on a pruned cache whose new chunk holds padding (rows with chunks of
+    different lengths, left padded within the chunk): each row's real tokens get what that row
+    gets alone, so the padding of the chunk is masked out of the pruned layers too."""
+    from transformers import DynamicCache
+
+    model = tiny_vlm("llava", seed=13)
+    prompts = [Prompt([5, 6], [9, 10, 11]), Prompt([5, 6, 20, 21], [9, 10, 11, 12, 13], images=2)]
+    batch = make_batch(model, prompts, seed=3)
+    chunk = torch.tensor([[24, 25, 26], [0, 27, 28]])
+    chunk_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+
+    def positions_of(mask):  # positions count real tokens only, as generate numbers them
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
+    pio_fvlm.wrap(model, budget=3, positions=positions)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config.text_config)
+        model(**batch, position_ids=positions_of(batch["attention_mask"]), cache=cache, use_cache=True)
+        full_mask = torch.cat([batch["attention_mask"], chunk_mask], 1)
+        together = model(input_ids=chunk, attention_mask=full_mask, position_ids=positions_of(full_mask)[:, -3:],
+                         cache=cache, use_cache=True).logits
+        for i in range(2):
+            alone = split_batch(model, prompts, batch, i)
+            own = chunk[i][chunk_mask[i].bool()].unsqueeze(0)
+            cache = DynamicCache(config=model.config.text_config)
+            model(**alone, position_ids=positions_of(alone["attention_mask"]), cache=cache, use_cache=True)
+            mask = torch.cat([alone["attention_mask"], torch.ones_like(own)], 1)
+            solo = model(input_ids=own, attention_mask=mask, position_ids=positions_of(mask)[:, -own.shape[1]:],
+                         cache=cache, use_cache=True).logits
+            torch.testing.assert_close(together[i][chunk_mask[i].bool()], solo[0], atol=1e-5, rtol=1e-4)
