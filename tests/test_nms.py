@@ -114,3 +114,39 @@ def test_prefix_walk_equals_full_walk(seed, threshold, first_prefix):
         else:  # all survivors, then the fill
             assert set(want.tolist()) <= set(got[row].nonzero().flatten().tolist())
     _check(saliency, features, candidates, budgets.tolist(), threshold)
+
+
+def test_identical_tokens_in_a_row_with_fewer_candidates_fill_from_its_own_candidates():
+    """The fill after total suppression takes only the row's candidates, also when another row of
+    the batch has more (the rows' walks then cover non-candidate slots)."""
+    features = torch.ones(2, 10, 4)
+    saliency = torch.arange(10.0).repeat(2, 1)
+    candidates = torch.ones(2, 10, dtype=torch.bool)
+    candidates[1, 5:] = False
+    got = select_with_nms(saliency, features, candidates, torch.tensor([4, 3]), 0.8)
+    assert got[1].nonzero().flatten().tolist() == [2, 3, 4]
+    _check(saliency, features, candidates, [4, 3], 0.8)
+
+
+def test_a_prefix_that_holds_the_budget_is_walked_once_with_one_host_read(monkeypatch):
+    """The usual case: the first prefix (2 x the budget) holds the budget in every row, so no
+    longer prefix is built, the walk reports no shortfall and the device is read once."""
+    from pio_fvlm.measure import OpStats
+    from pio_fvlm.select import nms
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 64, 16, generator=g)  # random directions: nothing is that similar
+    saliency = torch.rand(2, 64, generator=g)
+    candidates = torch.ones(2, 64, dtype=torch.bool)
+    walked = []
+    build = nms.suppression_matrix
+    monkeypatch.setattr(nms, "suppression_matrix", lambda f, tau: walked.append(f.shape[1]) or build(f, tau))
+    with OpStats() as stats:
+        got = nms.select_with_nms(saliency, features, candidates, torch.tensor([8, 8]), 0.9,
+                                  candidate_counts=[64, 64], budget_counts=[8, 8])
+    assert walked == [16] and stats.syncs == 1
+    order = nms.saliency_order(saliency, candidates)
+    budget = torch.tensor([8.0, 8.0]).view(-1, 1, 1)
+    _, keep, short = nms._walk_to_budget(features, order, candidates, True, budget, 16, 0.9)
+    assert not short and keep.sum(-1).min() >= 8
+    _check(saliency, features, candidates, [8, 8], 0.9)

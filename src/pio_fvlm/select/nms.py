@@ -164,7 +164,7 @@ def select_with_nms(
     chosen = keep * (keep.cumsum(-1) <= budget)
     if short and keep.shape[-1] == n:
         # Everything suppressed before the budget was reached: fill with the most salient rest.
-        rest = start[..., : keep.shape[-1]] - chosen
+        rest = start - chosen  # start and keep cover the same (whole) prefix
         missing = budget - chosen.sum(-1, keepdim=True)
         chosen = chosen + rest * (rest.cumsum(-1) <= missing)
     m = chosen.shape[-1]
