@@ -206,10 +206,11 @@ class PioFvlm(lmms):
             first = self.model(**inputs, use_cache=True)
             logits = [first.logits[:, -1:]]
             if target.shape[1] > 1:
-                mask = torch.cat([inputs["attention_mask"], torch.ones_like(target)], dim=1)
+                # No attention mask: one unpadded row needs none, and with one (prompt + continuation
+                # long) Qwen-VL's M-RoPE gives positions for the whole mask instead of the new tokens
+                # (a shape error); without it they continue from the cache, after the rope deltas.
                 cache = getattr(first, "cache", None) or first.past_key_values
-                rest = self.model(input_ids=target[:, :-1], attention_mask=mask[:, :-1], use_cache=True,
-                                  **{self.cache_keyword: cache})
+                rest = self.model(input_ids=target[:, :-1], use_cache=True, **{self.cache_keyword: cache})
                 logits.append(rest.logits)
             logprobs = torch.cat(logits, dim=1).float().log_softmax(-1)[0]
         picked = logprobs.gather(-1, target[0].unsqueeze(-1)).squeeze(-1)
