@@ -131,3 +131,15 @@ def test_hidden_states_and_attentions_of_pruned_layers_are_shorter():
     assert [h.shape[1] for h in out.hidden_states] == [length, length, short, short, length]
     assert [a.shape[-1] for a in out.attentions] == [length, short, short, short]
     assert out.logits.shape[1] == length
+
+
+def test_visual_token_counts_follow_the_adapters_ids():
+    """One count for the CLI, the benchmark and the runtime: images and videos (OneVision), per row."""
+    from helpers import n_visual
+    from pio_fvlm.models import visual_token_counts
+    from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
+
+    model = tiny_vlm("llava_onevision")
+    batch = make_batch(model, [Prompt([5], [9, 10], videos=1), Prompt([5, 6], [9], images=2)])
+    counts = visual_token_counts(model, batch["input_ids"])
+    assert counts == n_visual(batch) and counts[0] > counts[0] - int((batch["input_ids"][0] == 4).sum()) > 0

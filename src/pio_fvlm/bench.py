@@ -45,11 +45,10 @@ from .bench_models import (
     miniature_llava,
     random_llava15_7b,
     shape_inputs,
-    visual_token_id,
 )
 from .config import PruneConfig
 from .measure import OpStats, TimedSelector, kv_cache_bytes, pre_hook_seconds, synchronize, timed
-from .models import adapter_for
+from .models import adapter_for, visual_token_counts
 from .runtime import Runtime
 from .select import PioSelector
 from .select.baselines import UniformSelector
@@ -186,7 +185,7 @@ def run(args: argparse.Namespace, progress: Callable[[Any], Any] | None = None) 
         shape = SHAPES[args.shapes or "miniature"]
         model = shape.build(args.attn, dtype, args.device, args.num_layers)
     inputs = shape_inputs(model, shape, args.batch, args.text_tokens)
-    n_visual = int((inputs["input_ids"][0] == visual_token_id(model, shape)).sum())
+    n_visual = visual_token_counts(model, inputs["input_ids"][:1])[0]
     budgets, naive_budgets, free_budgets = mode_budgets(args, n_visual)
     bench = Bench(model, inputs, args.new_tokens, capture=args.capture)
     modes = [Mode("full", "full")]

@@ -113,7 +113,7 @@ def run(argv: list[str]) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from . import last_selection, unwrap, wrap
-    from .models import adapter_for
+    from .models import visual_token_counts
 
     p = argparse.ArgumentParser(prog="pio-fvlm run", description=run.__doc__)
     p.add_argument("--model", required=True, help="HF id or local folder of a supported VLM")
@@ -165,8 +165,7 @@ def run(argv: list[str]) -> int:
         if name == "pruned":
             kept = (last_selection(model) or [torch.empty(0, dtype=torch.long)])[0]
             unwrap(model)
-    visual_ids = adapter_for(model).find_parts(model).visual_token_ids
-    n_visual = int(torch.isin(inputs["input_ids"][0], torch.tensor(visual_ids, device=model.device)).sum())
+    n_visual = visual_token_counts(model, inputs["input_ids"])[0]
     for name, (text_out, first, total) in results.items():
         print(f"[{name}] prefill {first * 1e3:.1f} ms, generate {total * 1e3:.1f} ms: {text_out!r}")
     print(f"visual tokens kept: {len(kept)} of {n_visual}; prefill speedup "

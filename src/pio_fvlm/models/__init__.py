@@ -5,6 +5,7 @@ Adding a model = one adapter file + one line in ``_ADAPTERS``.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import Adapter, ModelParts
@@ -58,4 +59,12 @@ def adapter_for(model: object) -> Adapter:
     return REGISTRY[model_type]
 
 
-__all__ = ["Adapter", "ModelParts", "NOT_SUPPORTED", "REGISTRY", "adapter_for", "supported_model_types"]
+def visual_token_counts(model: nn.Module, input_ids: torch.Tensor) -> list[int]:
+    """Visual tokens per row of (B, L) ``input_ids``, by the ids the family's adapter names (the
+    ids the runtime prunes: images, videos, newline vectors that share the image id)."""
+    ids = torch.tensor(adapter_for(model).find_parts(model).visual_token_ids, device=input_ids.device)
+    return [int(n) for n in torch.isin(input_ids, ids).sum(1).tolist()]
+
+
+__all__ = ["Adapter", "ModelParts", "NOT_SUPPORTED", "REGISTRY", "adapter_for", "supported_model_types",
+           "visual_token_counts"]
