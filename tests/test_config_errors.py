@@ -161,3 +161,33 @@ def test_known_unsupported_families_are_refused_with_the_reason(model_type, why)
     with pytest.raises(ValueError, match=why) as refused:
         pio_fvlm.wrap(Stand(), budget=64)
     assert "Supported: LLaVA-1.5" in str(refused.value)
+
+
+def test_defaults_are_the_authors_settings():
+    cfg = PruneConfig()
+    assert (cfg.budget, cfg.layer, cfg.nms_threshold, cfg.proxy_tokens, cfg.proxy_includes_last) == (64, 1, 0.8, 4,
+                                                                                                      False)
+    assert (cfg.positions, cfg.schedule, cfg.encoder, cfg.capture) == ("keep", None, None, False)
+
+
+@pytest.mark.parametrize("settings", [
+    {"budget": 1}, {"budget": 1.0}, {"layer": 1}, {"layer": 31}, {"nms_threshold": 1.0}, {"nms_threshold": -0.99},
+    {"proxy_tokens": 1},
+])
+def test_every_range_includes_its_ends(settings):
+    """The edges of each accepted range are accepted (32 decoder layers: layer 1 to 31)."""
+    assert PruneConfig(**settings).validate(num_layers=32) is not None
+
+
+@pytest.mark.parametrize("settings, error, words", [
+    ({"layer": 32}, ValueError, "pass 1 <= layer <= 31"),
+    ({"layer": 1.0}, TypeError, r"\(1 <= layer <= 31\)"),
+    ({"nms_threshold": True}, TypeError, "nms_threshold must be a float"),
+    ({"nms_threshold": "0.8"}, TypeError, "nms_threshold must be a float"),
+    ({"nms_threshold": 1.0001}, ValueError, "not a cosine similarity"),
+    ({"nms_threshold": -1.0}, ValueError, "not a cosine similarity"),
+    ({"proxy_tokens": 0}, ValueError, "proxy_tokens must be an int >= 1"),
+])
+def test_just_outside_every_range_is_refused(settings, error, words):
+    with pytest.raises(error, match=words):
+        PruneConfig(**settings).validate(num_layers=32)
