@@ -147,3 +147,34 @@ def test_stage_that_keeps_everything_is_a_pass_through():
     uncached = model.generate(**inputs, use_cache=False, **kw)
     assert torch.equal(cached, uncached)
     assert [len(s) for s in pio_fvlm.last_selection(model, stage=0)] == n_visual(inputs)
+
+
+def test_the_presets_are_the_authors_schedules():
+    assert preset("paper-128") == ((1, 218), (10, 128), (15, 54)) and average_budget(preset("paper-128"), 32, 576) == 128
+    assert preset("paper-64") == ((1, 92), (10, 54), (15, 22)) and average_budget(preset("paper-64"), 32, 576) == 64
+
+
+def test_a_fraction_that_rounds_to_nothing_still_keeps_one_token():
+    assert average_budget([(1, 0.0001)], 32, 576) == pytest.approx((576 + 31 * 1) / 32)
+
+
+def test_schedule_for_refuses_an_average_the_first_layers_already_spend():
+    # layer 0 alone spends 576 tokens: an average of 18 over 32 layers leaves nothing for the stages
+    with pytest.raises(ValueError, match=r"below what layers 0\.\.0 already spend"):
+        schedule_for(18, layers=(1,))
+    assert schedule_for(19, layers=(1,)) == ((1, 1),)
+
+
+def test_presets_on_shallow_models():
+    # rounding would put two stages at one layer: each moves one layer after the previous
+    assert [layer for layer, _ in preset("paper-128", 5)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="needs at least 4 decoder layers"):
+        preset("paper-128", 3)  # three stages need layers 1, 2, 3
+    with pytest.raises(ValueError, match="cannot keep its average on a 8-layer model"):
+        preset("paper-64", 8)  # layer 0 alone spends more than 64 x 8 tokens
+
+
+def test_a_layer_out_of_range_names_the_range():
+    model = tiny_vlm("llava")  # 4 decoder layers: prune layers 1..3
+    with pytest.raises(ValueError, match=r"an int in 1\.\.3 for this 4-layer"):
+        pio_fvlm.wrap(model, schedule=[(1, 3), (4, 2)])
