@@ -287,3 +287,47 @@ def test_a_continued_chunk_with_padding_equals_each_row_alone(positions):
             solo = model(input_ids=own, attention_mask=mask, position_ids=positions_of(mask)[:, -own.shape[1]:],
                          cache=cache, use_cache=True).logits
             torch.testing.assert_close(together[i][chunk_mask[i].bool()], solo[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("same_length", [False, True], ids=["filler", "no-filler"])
+def test_every_real_position_of_a_pruned_forward_equals_the_row_alone(same_length):
+    """Logits at every real position, the first one included, equal the row run alone: rows that
+    keep different lengths (left padding, filler slots in the pruned layers) and rows of one
+    length without padding (one scatter back to full length)."""
+    model = tiny_vlm("llava", seed=14)
+    if same_length:
+        prompts = [Prompt([5, 6], [9, 10, 11]), Prompt([7, 8], [12, 13, 14])]
+    else:
+        prompts = [Prompt([5, 6], [9, 10, 11]), Prompt([5, 6, 20, 21], [9, 10, 11, 12, 13], images=2)]
+    batch = make_batch(model, prompts, seed=4)
+    assert bool(batch["attention_mask"].all()) == same_length
+
+    def positions_of(mask):
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
+    pio_fvlm.wrap(model, budget=3)
+    with torch.no_grad():
+        together = model(**batch, position_ids=positions_of(batch["attention_mask"])).logits
+        for i in range(2):
+            alone = split_batch(model, prompts, batch, i)
+            solo = model(**alone, position_ids=positions_of(alone["attention_mask"])).logits[0]
+            torch.testing.assert_close(together[i][batch["attention_mask"][i].bool()], solo, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_pruned_layers_get_the_mask_format_of_the_models_backend(impl):
+    """SDPA without padding gets no mask tensor (its causal kernel), with padding a 4-D bool mask;
+    eager gets a 4-D additive float mask either way."""
+    from pio_fvlm.runtime.masks import causal_padding_mask, check_attention_backend
+
+    config = tiny_vlm("llava", attn_implementation=impl).config.text_config
+    assert check_attention_backend(config) == impl
+    padding = torch.tensor([[False, True, True], [True, True, True]])
+    plain = causal_padding_mask(config, None, 2, 3, 3, torch.float32, torch.device("cpu"))
+    padded = causal_padding_mask(config, padding, 2, 3, 3, torch.float32, torch.device("cpu"))
+    if impl == "sdpa":
+        assert plain is None and padded.dtype == torch.bool and padded.shape == (2, 1, 3, 3)
+        assert padded[0, 0, 2].tolist() == [False, True, True] and padded[1, 0, 0].tolist() == [True, False, False]
+    else:
+        assert plain.dtype == padded.dtype == torch.float32 and padded.shape == (2, 1, 3, 3)
+        assert (padded[0, 0, 2, 0] < -1e30) and padded[0, 0, 2, 1:].eq(0).all()
