@@ -38,7 +38,7 @@ TARGETS: dict[str, list[str]] = {
     "select/nms.py": ["tests/test_nms.py", "tests/test_selection.py"],
     "config.py": ["tests/test_config_errors.py", "tests/test_api_conveniences.py"],
     "schedules.py": ["tests/test_schedules.py"],
-    "runtime/plan.py": ["tests/test_runtime.py"],
+    "runtime/plan.py": ["tests/test_runtime.py", "tests/test_schedules.py", "tests/test_properties.py"],
     "runtime/masks.py": ["tests/test_runtime.py"],
 }
 
