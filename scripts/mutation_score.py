@@ -84,9 +84,9 @@ def config_text(module: str, tests: list[str], timeout: float) -> str:
     )
 
 
-def thin_to(session: Path, sample: int) -> None:
+def thin_to(mutants_db: Path, sample: int) -> None:
     """Keep ``sample`` pending mutants, spread evenly over the module (deterministic)."""
-    with sqlite3.connect(session) as db:
+    with sqlite3.connect(mutants_db) as db:
         jobs = [row[0] for row in db.execute(
             "SELECT job_id FROM mutation_specs WHERE job_id NOT IN (SELECT job_id FROM work_results) "
             "ORDER BY module_path, start_pos_row, start_pos_col, operator_name")]
@@ -98,9 +98,9 @@ def thin_to(session: Path, sample: int) -> None:
         db.executemany("DELETE FROM work_items WHERE job_id = ?", drop)
 
 
-def outcomes(session: Path) -> list[dict[str, object]]:
+def outcomes(mutants_db: Path) -> list[dict[str, object]]:
     """One dict per mutant: line, operator, outcome (killed / survived / timeout / incompetent)."""
-    dump = subprocess.run(["cosmic-ray", "dump", str(session)], capture_output=True, text=True, check=True)
+    dump = subprocess.run(["cosmic-ray", "dump", str(mutants_db)], capture_output=True, text=True, check=True)
     rows = []
     for line in dump.stdout.splitlines():
         item, result = json.loads(line)
@@ -120,16 +120,16 @@ def outcomes(session: Path) -> list[dict[str, object]]:
 
 def run_target(module: str, tests: list[str], work: Path, timeout: float, sample: int | None) -> dict[str, object]:
     config = work / f"{module.replace('/', '_')}.toml"
-    session = config.with_suffix(".sqlite")
+    mutants_db = config.with_suffix(".sqlite")
     config.write_text(config_text(module, tests, timeout))
     env = dict(os.environ, PYTHONPATH=str(work / "src"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    subprocess.run(["cosmic-ray", "init", str(config), str(session)], cwd=work, env=env, check=True)
-    subprocess.run(["cr-filter-operators", str(session), str(config)], cwd=work, env=env, check=True)
+    subprocess.run(["cosmic-ray", "init", str(config), str(mutants_db)], cwd=work, env=env, check=True)
+    subprocess.run(["cr-filter-operators", str(mutants_db), str(config)], cwd=work, env=env, check=True)
     if sample is not None:
-        thin_to(session, sample)
+        thin_to(mutants_db, sample)
     started = time.perf_counter()
-    subprocess.run(["cosmic-ray", "exec", str(config), str(session)], cwd=work, env=env, check=True)
-    rows = outcomes(session)
+    subprocess.run(["cosmic-ray", "exec", str(config), str(mutants_db)], cwd=work, env=env, check=True)
+    rows = outcomes(mutants_db)
     killed = sum(r["outcome"] in ("killed", "timeout") for r in rows)
     survived = [r for r in rows if r["outcome"] == "survived"]
     return {"module": module, "tests": tests, "mutants": len(rows), "killed": killed,

@@ -1,4 +1,5 @@
-"""A naive, step-by-step implementation of shared/METHOD.md, written for clarity, not speed.
+"""A naive, step-by-step implementation of the method as the authors' released code computes it
+(README, "How it works"), written for clarity, not speed.
 
 Full-sequence probe layer, head over the whole sequence, shifted proxy positions, and a
 Python NMS loop per sample. The library must agree with it.
@@ -35,7 +36,8 @@ def naive_nms(saliency, features, candidates, budget, threshold):
 
 
 def naive_saliency(model, inputs, layer_index, k=4, include_last=False):
-    """Saliency (B, L) of every position for an *unwrapped* LLaVA, by METHOD.md step 1."""
+    """Saliency (B, L) of every position for an *unwrapped* LLaVA, by the method's step 1 (proxy
+    loss, input gradient norm)."""
     lm = model.model.language_model
     captured = {}
 
@@ -69,7 +71,7 @@ def naive_saliency(model, inputs, layer_index, k=4, include_last=False):
 
 
 def naive_selection(model, inputs, layer_index, budget, threshold=0.8, k=4, include_last=False, visual_ids=(3, 4)):
-    """Per sample, the sorted kept visual positions by METHOD.md steps 1-2."""
+    """Per sample, the sorted kept visual positions by the method's steps 1-2 (saliency, then NMS to the budget)."""
     saliency, hidden = naive_saliency(model, inputs, layer_index, k, include_last)
     out = []
     for b in range(hidden.shape[0]):

@@ -144,7 +144,7 @@ def test_a_prefix_that_holds_the_budget_is_walked_once_with_one_host_read(monkey
     with OpStats() as stats:
         got = nms.select_with_nms(saliency, features, candidates, torch.tensor([8, 8]), 0.9,
                                   candidate_counts=[64, 64], budget_counts=[8, 8])
-    assert walked == [16] and stats.syncs == 1
+    assert walked == [16] and stats.syncs == 1 and got.sum(1).tolist() == [8, 8]
     order = nms.saliency_order(saliency, candidates)
     budget = torch.tensor([8.0, 8.0]).view(-1, 1, 1)
     _, keep, short = nms._walk_to_budget(features, order, candidates, True, budget, 16, 0.9)

@@ -150,8 +150,9 @@ def test_stage_that_keeps_everything_is_a_pass_through():
 
 
 def test_the_presets_are_the_authors_schedules():
-    assert preset("paper-128") == ((1, 218), (10, 128), (15, 54)) and average_budget(preset("paper-128"), 32, 576) == 128
-    assert preset("paper-64") == ((1, 92), (10, 54), (15, 22)) and average_budget(preset("paper-64"), 32, 576) == 64
+    assert preset("paper-128") == ((1, 218), (10, 128), (15, 54))
+    assert preset("paper-64") == ((1, 92), (10, 54), (15, 22))
+    assert average_budget(preset("paper-128"), 32, 576) == 128 and average_budget(preset("paper-64"), 32, 576) == 64
 
 
 def test_a_fraction_that_rounds_to_nothing_still_keeps_one_token():

@@ -1,4 +1,4 @@
-"""The library's probe and selection equal the naive implementation of METHOD.md."""
+"""The library's probe and selection equal the naive implementation of the method (tests/reference.py)."""
 
 import pytest
 import torch

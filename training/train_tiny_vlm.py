@@ -38,8 +38,8 @@ others (training/probe_binding.py), which is what colour questions need.
 Saves the model + processor (``save_pretrained``) to ``src/pio_fvlm/assets/tiny-llava-shapes``
 every ``--save-every`` steps, with ``training_state.json`` (step, curriculum, last eval). The
 optimizer state goes to ``--state-dir`` (not committed); without it a resume restarts AdamW's
-moments from the saved weights. What helps such a model leave the answer prior (see
-shared/TINY-VLM-NOTES.md): many question/answer pairs per image in one sequence (16), each pair
+moments from the saved weights. What helps such a model leave the answer prior (the runs in
+training/records/ show each step): many question/answer pairs per image in one sequence (16), each pair
 seeing only the image and itself (a 4-D mask; with plain causal packing the model learnt to copy
 earlier answers: low training loss, poor accuracy on a question alone), a curriculum on the
 number of objects, and an auxiliary per-patch loss that tells the vision tower early what the

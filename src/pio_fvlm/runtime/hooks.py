@@ -1,6 +1,6 @@
 """The runtime: forward hooks that prune in prefill and keep cached decoding consistent.
 
-Data flow of one call (see DESIGN.md):
+Data flow of one call:
 
 1. A pre-hook on the VLM's base module records where this call's visual tokens are.
 2. Layers before the first prune point run untouched.
