@@ -311,7 +311,7 @@ class Runtime:
         final = call.stages[len(self.stages) - 1]
         assert final is not None and final.full_index is not None
         out = output[0] if isinstance(output, tuple) else output
-        full = scatter_back(call.base_hidden, out, final.full_index, final.all_valid)
+        full = scatter_back(call.base_hidden, out, final.full_index, no_filler=final.all_valid)
         return (full, *output[1:]) if isinstance(output, tuple) else full
 
     # ------------------------------------------------------------------ stage preparation

@@ -111,8 +111,7 @@ def keep_index(keep: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, tor
     return index.masked_fill(~slot_valid, 0), slot_valid
 
 
-def scatter_back(base: torch.Tensor, out: torch.Tensor, full_index: torch.Tensor, no_filler: bool = False
-                 ) -> torch.Tensor:
+def scatter_back(base: torch.Tensor, out: torch.Tensor, full_index: torch.Tensor, no_filler: bool) -> torch.Tensor:
     """Put the pruned layers' output back at full length.
 
     Args:
