@@ -127,7 +127,8 @@ class Bench:
         self._configure(mode)
         with torch.inference_mode():
             out = self.prefill(mode)
-            mode.kv_bytes, mode.kv_layer_bytes = kv_cache_bytes(out.past_key_values)
+            cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5.2x names it `cache`
+            mode.kv_bytes, mode.kv_layer_bytes = kv_cache_bytes(cache)
             del out
         with torch.no_grad(), OpStats() as stats:  # dispatch modes see no operator under inference_mode
             if self.timer_now is not None:
