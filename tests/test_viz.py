@@ -123,13 +123,12 @@ def test_video_tokens_map_to_their_frames(family):
     with torch.no_grad():
         model(**batch)
     if family == "llava_onevision":
-        frames = [Image.new("RGB", (40, 30), (200, 200, 200)) for _ in range(ONEVISION_VIDEO_FRAMES)]
-        expected_frames = list(range(ONEVISION_VIDEO_FRAMES))
+        size, n_frames, expected_frames = (40, 30), ONEVISION_VIDEO_FRAMES, list(range(ONEVISION_VIDEO_FRAMES))
     else:
         t, h, w = QWEN_VIDEO_GRID
         patch, step = model.config.vision_config.patch_size, model.config.vision_config.temporal_patch_size
-        frames = [Image.new("RGB", (w * patch, h * patch), (200, 200, 200)) for _ in range(t * step)]
-        expected_frames = [k * step for k in range(t)]
+        size, n_frames, expected_frames = (w * patch, h * patch), t * step, [k * step for k in range(t)]
+    frames = [Image.new("RGB", size, (60 + 40 * f, 200, 200)) for f in range(n_frames)]  # one colour per frame
     images = _images_for(model, prompts[0])
     views = token_views(model, batch, images, sample=0, videos=[frames])
     video_views = [v for v in views if v.frame is not None]
@@ -150,11 +149,44 @@ def test_video_tokens_map_to_their_frames(family):
     ids = batch["input_ids"][0]
     flags = [kept_flags(kept, ids, model.config.image_token_id), kept_flags(kept, ids, model.config.video_token_id)]
     assert sum(int(f.sum()) for f in flags) == 3  # the budget, images and video together
-    picture = draw_selection(model, batch, images, sample=0, videos=[frames])
-    assert picture.width == sum(
-        (images[v.image_index] if v.frame is None else frames[v.frame]).width for v in views) + 8 * (len(views) - 1)
+    picture = np.asarray(draw_selection(model, batch, images, sample=0, videos=[frames]))
+    widths = [(images[v.image_index] if v.frame is None else frames[v.frame]).width for v in views]
+    assert picture.shape[1] == sum(widths) + 8 * (len(views) - 1)
+    # each video view is its own frame with the kept video tokens lit
+    x, start = 0, 0
+    for view, width in zip(views, widths):
+        if view.frame is not None:
+            n = len(view.boxes)
+            want = np.asarray(draw_boxes(frames[view.frame], view.boxes, flags[1][start:start + n]))
+            assert np.array_equal(picture[:want.shape[0], x:x + width], want), view.name
+            start += n
+        x += width + 8
     with pytest.raises(ValueError, match="pass exactly that sample's videos"):
         token_views(model, batch, images, sample=0, videos=[frames, frames])
+    if family != "llava_onevision":
+        with pytest.raises(ValueError, match="pass the frames the processor was given"):
+            token_views(model, batch, images, sample=0, videos=[frames + frames])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_onevision"])
+def test_a_video_only_sample_after_other_samples(family):
+    model = tiny_vlm(family)
+    prompts = [Prompt([11], [13, 14, 15]), Prompt([11], [13, 14, 15], images=0, videos=1),
+               Prompt([11, 12], [13, 14], images=0, videos=1)]
+    batch = make_batch(model, prompts)
+    pio_fvlm.wrap(model, budget=3)
+    with torch.no_grad():
+        model(**batch)
+    if family == "llava_onevision":
+        frames = [Image.new("RGB", (40, 30), (90, 90, 90)) for _ in range(ONEVISION_VIDEO_FRAMES)]
+    else:
+        t, h, w = QWEN_VIDEO_GRID
+        patch, step = model.config.vision_config.patch_size, model.config.vision_config.temporal_patch_size
+        frames = [Image.new("RGB", (w * patch, h * patch), (90, 90, 90)) for _ in range(t * step)]
+    for sample in (1, 2):
+        views = token_views(model, batch, [], sample=sample, videos=[frames])
+        assert views and all(v.frame is not None for v in views)
+        assert draw_selection(model, batch, [], sample=sample, videos=[frames]).height == frames[0].height
 
 
 def test_a_family_without_videos_says_so():

@@ -165,7 +165,7 @@ def _sizes(images: list[Any]) -> list[tuple[int, int]]:
 def _images_before(input_ids: torch.Tensor, sample: int, image_token_id: int, per_image: list[int]) -> int:
     """How many images of the batch belong to samples before ``sample`` (images are in order)."""
     before, seen = int((input_ids[:sample] == image_token_id).sum()), 0
-    for n_images, n in enumerate(per_image):
+    for n_images, n in enumerate([*per_image, 0]):  # the last slot: every image is before `sample`
         if seen == before:
             return n_images
         seen += n
@@ -196,6 +196,8 @@ def internvl_views(config: Any, inputs: dict[str, Any], images: list[Any], sampl
 
 
 def qwen_views(config: Any, inputs: dict[str, Any], images: list[Any], sample: int) -> list[TokenView]:
+    if not images:  # e.g. a video-only sample; the processor leaves image_grid_thw out when no row has images
+        return []
     grids = inputs["image_grid_thw"]
     merge = config.vision_config.spatial_merge_size
     per_image = [int(g.prod()) // merge**2 for g in grids]
@@ -216,9 +218,12 @@ def qwen_video_views(config: Any, inputs: dict[str, Any], videos: list[Any], sam
                          f"that sample's videos, in order")
     views = []
     for v, (video, (t, h, w)) in enumerate(zip(videos, chosen)):
+        if math.ceil(len(video) / step) != t:  # the processor pads the last temporal patch with copies
+            raise ValueError(f"video {v} of sample {sample} has {t} temporal patches of {step} frames but "
+                             f"{len(video)} frames were passed: pass the frames the processor was given")
         (width, height), = _sizes([video[0]])
         boxes = _grid_boxes(h // merge, w // merge, 0, 0, width, height)
-        views += [TokenView(v, f"frame {k * step}", boxes, frame=min(k * step, len(video) - 1)) for k in range(t)]
+        views += [TokenView(v, f"frame {k * step}", boxes, frame=k * step) for k in range(t)]
     return views
 
 

@@ -199,7 +199,9 @@ def rotated_queries_keys(attn: Any, xn: torch.Tensor, rows: torch.Tensor, cos: t
         q: (B, P, H, hd); k: (B, S, H_kv, hd).
     """
     rotary = _rotary_fn(attn)
-    assert rotary is not None, "a Llama-style attention module has an apply_rotary_pos_emb beside it"
+    if rotary is None:
+        raise ValueError(f"{type(attn).__name__} has no apply_rotary_pos_emb in its module: its queries and keys "
+                         f"cannot be recomputed here (the PIO-FVLM selector's full-layer probe takes any layer)")
     b, s, _ = xn.shape
     hd = attn.head_dim
     q = attn.q_proj(gather_tokens(xn, rows)).view(b, rows.shape[1], -1, hd)
