@@ -175,7 +175,8 @@ def test_defaults_are_the_authors_settings():
     {"proxy_tokens": 1},
 ])
 def test_every_range_includes_its_ends(settings):
-    """The edges of each accepted range are accepted (32 decoder layers: layer 1 to 31)."""
+    """The closed ends of each accepted range are accepted (32 decoder layers: layer 1 to 31); the
+    open lower end of nms_threshold's (-1, 1] is approached, and -1 itself is refused below."""
     assert PruneConfig(**settings).validate(num_layers=32) is not None
 
 

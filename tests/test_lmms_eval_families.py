@@ -93,6 +93,7 @@ def test_generate_until_batched_equals_the_model_by_hand(checkpoint, prune, monk
 
     monkeypatch.setattr(lm.model, "generate", generate_and_record)
     got = lm.generate_until(requests)
+    assert any(got)  # the tiny models write words, so the comparison below compares text
     assert got == _by_hand(family, folder, prune)
     assert is_wrapped(lm.model) == prune
     if prune:

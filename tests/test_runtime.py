@@ -315,9 +315,9 @@ def test_every_real_position_of_a_pruned_forward_equals_the_row_alone(same_lengt
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_pruned_layers_get_the_mask_format_of_the_models_backend(impl):
-    """SDPA without padding gets no mask tensor (its causal kernel), with padding a 4-D bool mask;
-    eager gets a 4-D additive float mask either way."""
+def test_causal_padding_mask_has_the_format_of_the_models_backend(impl):
+    """The mask built for the pruned layers: for SDPA without padding no tensor (its causal
+    kernel), with padding a 4-D bool mask; for eager a 4-D additive float mask either way."""
     from pio_fvlm.runtime.masks import causal_padding_mask, check_attention_backend
 
     config = tiny_vlm("llava", attn_implementation=impl).config.text_config
