@@ -131,3 +131,18 @@ def test_loglikelihood_equals_forced_generation(checkpoint, prune):
             want, want_greedy = _forced_logprob(lm.model, inputs, target)
         assert logprob == pytest.approx(want, abs=1e-4)
         assert greedy == want_greedy
+    # the model's own greedy next word, scored as a continuation, is greedy (the random model's
+    # argmax is sometimes an id outside the tokenizer's words: those documents are passed over)
+    scored = 0
+    for doc in _docs():
+        images = _images(doc)
+        inputs = lm.encode([lm.prompt(doc["context"], len(images))], images)
+        with torch.inference_mode():
+            own = lm.model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1:]
+        answer = lm.tokenizer.decode(own)
+        if lm.tokenizer(answer, add_special_tokens=False)["input_ids"] != own.tolist():
+            continue
+        requests, lm.task_dict = requests_for("loglikelihood", [(doc["context"], answer, doc)], _images)
+        assert lm.loglikelihood(requests)[0][1] is True
+        scored += 1
+    assert scored > 0
