@@ -39,6 +39,18 @@ def _images_for(model, prompt: Prompt) -> list[Image.Image]:
     return [Image.new("RGB", size, (200, 200, 200)) for _ in range(prompt.images)]
 
 
+def _frames_for(model) -> list[Image.Image]:
+    """The frames of one video as make_batch laid it out, one colour per frame: OneVision's 4
+    frames (any size), Qwen's temporal patches x frames per patch at the grid's size."""
+    if model.config.model_type == "llava_onevision":
+        size, n_frames = (40, 30), ONEVISION_VIDEO_FRAMES
+    else:
+        t, h, w = QWEN_VIDEO_GRID
+        patch = model.config.vision_config.patch_size
+        size, n_frames = (w * patch, h * patch), t * model.config.vision_config.temporal_patch_size
+    return [Image.new("RGB", size, (60 + 40 * f, 200, 200)) for f in range(n_frames)]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_selection_picture_for_every_family(family):
     model = tiny_vlm(family)
@@ -122,13 +134,9 @@ def test_video_tokens_map_to_their_frames(family):
     pio_fvlm.wrap(model, budget=3)
     with torch.no_grad():
         model(**batch)
-    if family == "llava_onevision":
-        size, n_frames, expected_frames = (40, 30), ONEVISION_VIDEO_FRAMES, list(range(ONEVISION_VIDEO_FRAMES))
-    else:
-        t, h, w = QWEN_VIDEO_GRID
-        patch, step = model.config.vision_config.patch_size, model.config.vision_config.temporal_patch_size
-        size, n_frames, expected_frames = (w * patch, h * patch), t * step, [k * step for k in range(t)]
-    frames = [Image.new("RGB", size, (60 + 40 * f, 200, 200)) for f in range(n_frames)]  # one colour per frame
+    frames = _frames_for(model)
+    step = 1 if family == "llava_onevision" else model.config.vision_config.temporal_patch_size
+    expected_frames = list(range(0, len(frames), step))
     images = _images_for(model, prompts[0])
     views = token_views(model, batch, images, sample=0, videos=[frames])
     video_views = [v for v in views if v.frame is not None]
@@ -143,8 +151,9 @@ def test_video_tokens_map_to_their_frames(family):
     if family == "llava_onevision":  # the newline after the video has no region
         assert np.isnan(video_views[-1].boxes[-1]).all() and not np.isnan(video_views[0].boxes).any()
     else:  # merged 2 x 2 patches, row-major, the same grid on every temporal patch
+        p = model.config.vision_config.patch_size
         assert video_views[0].boxes.tolist() == video_views[1].boxes.tolist()
-        assert video_views[0].boxes[1].tolist() == [2 * patch, 0, 4 * patch, 2 * patch]
+        assert video_views[0].boxes[1].tolist() == [2 * p, 0, 4 * p, 2 * p]
     kept = pio_fvlm.last_selection(model)[0]
     ids = batch["input_ids"][0]
     flags = [kept_flags(kept, ids, model.config.image_token_id), kept_flags(kept, ids, model.config.video_token_id)]
@@ -177,12 +186,7 @@ def test_a_video_only_sample_after_other_samples(family):
     pio_fvlm.wrap(model, budget=3)
     with torch.no_grad():
         model(**batch)
-    if family == "llava_onevision":
-        frames = [Image.new("RGB", (40, 30), (90, 90, 90)) for _ in range(ONEVISION_VIDEO_FRAMES)]
-    else:
-        t, h, w = QWEN_VIDEO_GRID
-        patch, step = model.config.vision_config.patch_size, model.config.vision_config.temporal_patch_size
-        frames = [Image.new("RGB", (w * patch, h * patch), (90, 90, 90)) for _ in range(t * step)]
+    frames = _frames_for(model)
     for sample in (1, 2):
         views = token_views(model, batch, [], sample=sample, videos=[frames])
         assert views and all(v.frame is not None for v in views)

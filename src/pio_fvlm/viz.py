@@ -162,14 +162,15 @@ def _sizes(images: list[Any]) -> list[tuple[int, int]]:
     return [(im.width, im.height) if hasattr(im, "width") else (im.shape[1], im.shape[0]) for im in images]
 
 
-def _images_before(input_ids: torch.Tensor, sample: int, image_token_id: int, per_image: list[int]) -> int:
-    """How many images of the batch belong to samples before ``sample`` (images are in order)."""
-    before, seen = int((input_ids[:sample] == image_token_id).sum()), 0
-    for n_images, n in enumerate([*per_image, 0]):  # the last slot: every image is before `sample`
+def _items_before(input_ids: torch.Tensor, sample: int, token_id: int, per_item: list[int]) -> int:
+    """How many images (or videos) of the batch belong to samples before ``sample``, from their
+    token counts ``per_item`` (in batch order) and the ``token_id`` tokens of the earlier rows."""
+    before, seen = int((input_ids[:sample] == token_id).sum()), 0
+    for n_items, n in enumerate([*per_item, 0]):  # the last slot: every item is before `sample`
         if seen == before:
-            return n_images
+            return n_items
         seen += n
-    raise ValueError("the image grids in inputs do not match the image tokens in input_ids")
+    raise ValueError("the grids in inputs do not match the visual tokens in input_ids")
 
 
 # Each family's layout, as its adapter names it: (config, inputs, images, sample) -> views.
@@ -201,7 +202,7 @@ def qwen_views(config: Any, inputs: dict[str, Any], images: list[Any], sample: i
     grids = inputs["image_grid_thw"]
     merge = config.vision_config.spatial_merge_size
     per_image = [int(g.prod()) // merge**2 for g in grids]
-    first = _images_before(inputs["input_ids"], sample, config.image_token_id, per_image)
+    first = _items_before(inputs["input_ids"], sample, config.image_token_id, per_image)
     return _qwen_views(config, _sizes(images), grids[first:first + len(images)])
 
 
@@ -211,7 +212,7 @@ def qwen_video_views(config: Any, inputs: dict[str, Any], videos: list[Any], sam
     merge = config.vision_config.spatial_merge_size
     step = int(config.vision_config.temporal_patch_size)
     per_video = [int(g.prod()) // merge**2 for g in grids]
-    first = _images_before(inputs["input_ids"], sample, config.video_token_id, per_video)
+    first = _items_before(inputs["input_ids"], sample, config.video_token_id, per_video)
     chosen = grids[first:first + len(videos)].tolist()
     if len(chosen) != len(videos):
         raise ValueError(f"sample {sample} has {len(chosen)} video(s) but {len(videos)} were passed: pass exactly "
