@@ -181,7 +181,7 @@ def test_video_tokens_map_to_their_frames(family):
 def test_a_video_only_sample_after_other_samples(family):
     model = tiny_vlm(family)
     prompts = [Prompt([11], [13, 14, 15]), Prompt([11], [13, 14, 15], images=0, videos=1),
-               Prompt([11, 12], [13, 14], images=0, videos=1)]
+               Prompt([11, 12], [13, 14], images=0, videos=1), Prompt([11], [13, 14, 15, 16])]
     batch = make_batch(model, prompts)
     pio_fvlm.wrap(model, budget=3)
     with torch.no_grad():
@@ -191,6 +191,14 @@ def test_a_video_only_sample_after_other_samples(family):
         views = token_views(model, batch, [], sample=sample, videos=[frames])
         assert views and all(v.frame is not None for v in views)
         assert draw_selection(model, batch, [], sample=sample, videos=[frames]).height == frames[0].height
+    for sample in (0, 3):  # samples without a video, before and after the videos of the batch
+        with pytest.raises(ValueError, match="pass exactly that sample's videos"):
+            token_views(model, batch, _images_for(model, prompts[sample]), sample=sample, videos=[frames])
+    # a batch without any image (the processor then gives no image grids)
+    videos_only = make_batch(model, prompts[1:3])
+    with torch.no_grad():
+        model(**videos_only)
+    assert token_views(model, videos_only, [], sample=1, videos=[frames])
 
 
 def test_a_family_without_videos_says_so():
