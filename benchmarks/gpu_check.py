@@ -245,6 +245,7 @@ def table_row(shape: str, batch: int, capture: bool, attn: str, dtype: str, devi
         "pio_speedup": round(rows["pio"]["prefill_speedup"], 3),
         "ideal_speedup": round(rows["ideal"]["prefill_speedup"], 3),
         "pio_over_free_paired": round(result["checks"][f"pio{b}_over_free{b}_paired"], 3),
+        "pio_over_free_by_selection": round(result["checks"][f"pio{b}_over_free{b}_by_selection"], 3),
         "select_ms": round(rows["pio"]["select_ms"], 2),
         "extra_kernel_ops": result["checks"][f"pio{b}_extra_kernel_ops"],
         "extra_host_syncs": result["checks"][f"pio{b}_extra_host_syncs"],

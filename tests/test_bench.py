@@ -57,3 +57,12 @@ def test_bench_llava15_7b_shapes_are_the_checkpoint_config():
 def test_bench_refuses_num_layers_with_a_checkpoint():
     with pytest.raises(SystemExit, match="--num-layers"):
         bench.run(bench.parser().parse_args(["--model", "some/checkpoint", "--num-layers", "2"]))
+
+
+def test_ratio_by_selection_adds_only_the_selection_time_pio_spends_beyond_free():
+    # rounds of 100 ms and 120 ms free prefills; PIO's selector takes 5.5 ms more than free's 0.5 ms
+    ratio = bench.ratio_by_selection([0.100, 0.120, 0.100], [0.006, 0.0055, 0.006], [0.0005, 0.0005, 0.0005])
+    assert ratio == pytest.approx(0.100 / 0.1055)
+    assert bench.ratio_by_selection([0.1], [0.0], [0.0]) == 1.0  # a selection that costs what free's costs
+    with pytest.raises(ValueError):  # rounds must pair up
+        bench.ratio_by_selection([0.1, 0.1], [0.01], [0.0])
