@@ -34,6 +34,10 @@ def test_bench_runs_and_reports_exact_cache_and_flop_ratios(tmp_path):
     assert flops == sorted(flops) and len(set(flops)) == 4
     assert rows["pio-64"]["gflops"] < rows["full"]["gflops"]
     assert rows["pio-64"]["select_ms"] > 0 and rows["full"]["select_ms"] is None
+    # one round: free's prefill over itself plus the selector time PIO adds over free's
+    sel_pio, sel_free = rows["pio-64"]["select_ms"], rows["free-64"]["select_ms"]
+    expected = rows["free-64"]["prefill_ms"] / (rows["free-64"]["prefill_ms"] + sel_pio - sel_free)
+    assert result["checks"]["pio64_over_free64_by_selection"] == pytest.approx(expected, rel=1e-9)
     assert "pruned_layer_kv_ratio=0.182" in bench.format_table(result)
     # launch accounting: what pruning dispatches on top of the unpruned prefill
     checks = result["checks"]
