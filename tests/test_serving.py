@@ -1,4 +1,5 @@
-"""`pio-fvlm serve`: a real transformers server in a subprocess on 127.0.0.1, the shipped demo model."""
+"""`pio-fvlm serve`: a real server in a subprocess on 127.0.0.1 and its batched-generation core, on the
+shipped demo model."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from PIL import Image  # noqa: E402
 
 from pio_fvlm import last_selection, wrap  # noqa: E402
 from pio_fvlm import synthetic as syn  # noqa: E402
+from pio_fvlm.serving.checks import check_chat_request  # noqa: E402
 from pio_fvlm.serving.client import ServerProcess, chat_body, image_data_url, post_chat  # noqa: E402
-from pio_fvlm.serving.http import check_chat_request, sse_with_visual_tokens  # noqa: E402
-from pio_fvlm.serving.report import VisualTokens  # noqa: E402
+from pio_fvlm.serving.core import BadRequest, BatchGenerator, ChatAnswer, chat_request_from_openai  # noqa: E402
 from pio_fvlm.shapes_vlm import ASSET_DIR  # noqa: E402
 
 BUDGET = 48
@@ -140,38 +141,73 @@ def test_request_checks_accept_what_the_server_serves():
     assert image_data_url(image).startswith("data:image/png;base64,")
 
 
-def test_streamed_usage_event_gets_the_visual_tokens_and_other_events_stay():
-    first = 'data: {"choices":[{"delta":{"content":"red"}}]}'
-    last = 'data: {"choices":[],"usage":{"prompt_tokens":583}}'
-    out = sse_with_visual_tokens(f"{first}\n\n{last}\n\n".encode(), VisualTokens(seen=576, kept=64)).decode()
-    events = out.split("\n\n")
-    assert events[0] == first
-    assert json.loads(events[1][len("data: "):])["usage"]["visual_tokens"] == {"seen": 576, "kept": 64}
+def test_concurrent_requests_are_generated_in_batches(server):
+    asked = scenes(8, seed=41)
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda item: post_chat(server.url, chat_body(item[1].question, item[0])), asked))
+    sizes = [int(headers["x-pio-fvlm-batch-size"]) for _, headers, _ in replies]
+    assert all(1 <= size <= 8 for size in sizes)
+    assert max(sizes) > 1, sizes
 
 
-@pytest.mark.slow
-def test_bad_settings_are_refused_at_startup_with_wraps_message():
-    from pio_fvlm import PruneConfig
-
-    with pytest.raises(ValueError) as wrapped:
-        PruneConfig(budget=-3).validate(4)
-    run = subprocess.run([sys.executable, "-m", "pio_fvlm.cli", "serve", "--budget", "-3", "--port", "1"],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2
-    assert str(wrapped.value) in run.stderr
-    both = subprocess.run([sys.executable, "-m", "pio_fvlm.cli", "serve", "--no-pruning", "--budget", "8"],
-                          capture_output=True, text=True, timeout=60)
-    assert both.returncode == 2 and "--no-pruning serves the model unpruned" in both.stderr
+@pytest.fixture(scope="module")
+def generator(local):
+    model, processor = local
+    return BatchGenerator(model, processor)
 
 
-def test_load_benchmark_measures_a_running_server(server):
-    from helpers import load_script
+def openai_request(question: str, image: Image.Image | None = None, **fields):
+    return chat_request_from_openai(chat_body(question, image, **fields))
 
-    bench = load_script("benchmarks/serve_load.py")
-    bodies = bench.request_bodies("pio-fvlm-demo", 4, max_tokens=2)
-    row = bench.measure_load(server.url, bodies, clients=2, requests=2)
-    assert row["requests"] == row["ok"] == 4
-    assert row["visual_tokens"] == [{"seen": 576, "kept": BUDGET}]
-    assert 0 < row["p50_ms"] <= row["p95_ms"] and row["requests_per_s"] > 0
-    rows = [{"server": s, **row} for s in ("pruned", "unpruned")]
-    assert bench.table(rows).splitlines()[2].startswith("| 2 | ")
+
+def test_core_batch_answers_equal_each_request_alone(generator, local):
+    asked = scenes(6, seed=51)
+    requests = [openai_request(qa.question, image) for image, qa in asked]
+    batched = generator.generate(requests)
+    assert all(isinstance(answer, ChatAnswer) and answer.batch_size == 6 for answer in batched)
+    for (image, qa), answer, request in zip(asked, batched, requests):
+        alone = generator.generate([request])[0]
+        assert isinstance(alone, ChatAnswer) and alone.batch_size == 1
+        assert answer.text.strip() == alone.text.strip() == local_answer(local, image, qa.question)[0]
+        assert (answer.visual_seen, answer.visual_kept) == (alone.visual_seen, alone.visual_kept) == (576, BUDGET)
+        assert answer.prompt_tokens == alone.prompt_tokens and answer.finish_reason == "stop"
+
+
+def test_core_streams_each_rows_text_and_splits_incompatible_settings(generator):
+    asked = scenes(3, seed=61)
+    requests = [openai_request(qa.question, image) for image, qa in asked[:2]]
+    requests.append(openai_request(asked[2][1].question, asked[2][0], max_tokens=1))
+    requests.append(openai_request("how many shapes ?"))  # text only: a batch of its own
+    streamed: list[list[str]] = [[] for _ in requests]
+    answers = generator.generate(requests, [pieces.append for pieces in streamed])
+    assert [a.batch_size for a in answers] == [2, 2, 1, 1]
+    assert ["".join(pieces) for pieces in streamed] == [a.text for a in answers]
+    assert answers[2].completion_tokens == 1
+    assert (answers[3].visual_seen, answers[3].visual_kept) == (0, 0)
+
+
+def test_core_a_bad_request_in_a_batch_fails_alone(generator):
+    asked = scenes(3, seed=71)
+    requests = [openai_request(qa.question, image) for image, qa in asked]
+    two_images = openai_request(asked[0][1].question, asked[0][0])
+    two_images.images.append(asked[1][0])  # two images for one image placeholder: the processor refuses
+    answers = generator.generate([requests[0], two_images, requests[1], requests[2]])
+    assert isinstance(answers[1], BadRequest) and "processor" in str(answers[1])
+    expected = generator.generate(requests)
+    assert [a.text for a in answers if isinstance(a, ChatAnswer)] == [a.text for a in expected]
+
+
+@pytest.mark.parametrize("fields, words", [({"max_tokens": 0}, "'max_tokens' must be >= 1"),
+                                           ({"temperature": "hot"}, "'temperature' must be a number"),
+                                           ({"n": 2}, "only n=1"),
+                                           ({"max_tokens": 2.5}, "'max_tokens' must be an integer")])
+def test_bad_generation_settings_are_refused_with_a_message(fields, words):
+    with pytest.raises(BadRequest, match=words):
+        openai_request("how many shapes ?", **fields)
+
+
+def test_the_cli_refuses_bad_batch_settings():
+    for flag, value in (("--max-batch-size", "0"), ("--batch-wait-ms", "-1")):
+        done = subprocess.run([sys.executable, "-m", "pio_fvlm.cli", "serve", flag, value], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and flag in done.stderr, done.stderr

@@ -4,7 +4,7 @@
     pio-fvlm run --model ID_OR_PATH --image photo.jpg --prompt "What is shown?" --budget 64
     pio-fvlm bench [options]           # speed benchmark (see pio-fvlm bench --help)
     pio-fvlm lmms-task --out DIR       # an offline lmms-eval task (--include_path DIR --tasks pio_shapes)
-    pio-fvlm serve [MODEL] --budget 64 # OpenAI-compatible server (transformers serve), pruned
+    pio-fvlm serve [MODEL] --budget 64 # OpenAI-compatible server with dynamic batching, pruned
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ COMMANDS = {
     "run": "one image + prompt through a real checkpoint, pruned and unpruned",
     "bench": "speed benchmark: full vs pio vs ideal vs the authors' style",
     "lmms-task": "write the offline lmms-eval task pio_shapes (for --include_path)",
-    "serve": "an OpenAI-compatible server (transformers serve) whose model prunes",
+    "serve": "an OpenAI-compatible server whose model prunes (requests batched)",
 }
 
 
@@ -195,12 +195,18 @@ def _budget(text: str) -> int | float:
     return int(text) if text.lstrip("+-").isdigit() else float(text)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
+    return int(text)
+
+
 def _threshold(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
 def serve(argv: list[str]) -> int:
-    """Serve a model pruned by PIO-FVLM behind transformers' OpenAI-compatible server."""
+    """Serve a model pruned by PIO-FVLM behind an OpenAI-compatible server that batches concurrent requests."""
     from .serving import DEMO_NAME
     from .serving import serve as run_server
     from .serving.server import serving_available
@@ -228,10 +234,16 @@ def serve(argv: list[str]) -> int:
     p.add_argument("--device", default="auto", help="device map of the model (auto, cpu, cuda:0, ...)")
     p.add_argument("--dtype", default="auto", help="weights' dtype (auto: the checkpoint's; float16, bfloat16, ...)")
     p.add_argument("--attn-implementation", help="attention implementation (eager, sdpa, flash_attention_2)")
-    p.add_argument("--log-level", default="warning", help="transformers' log level (default warning)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=8,
+                   help="most requests answered by one batched generate (default 8; 1: one at a time)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long the first request of a batch waits for others (default 10 ms)")
+    p.add_argument("--log-level", default="warning", help="the server's log level (default warning)")
     args = p.parse_args(argv)
+    if args.batch_wait_ms < 0:
+        p.error(f"--batch-wait-ms must be >= 0; got {args.batch_wait_ms}")
     if not serving_available():
-        print("pio-fvlm serve needs transformers' server: pip install 'pio-fvlm[serve]'", file=sys.stderr)
+        print("pio-fvlm serve needs FastAPI, Uvicorn and openai: pip install 'pio-fvlm[serve]'", file=sys.stderr)
         return 1
     names = ("budget", "layer", "preset", "nms_threshold", "proxy_tokens", "positions", "encoder", "encoder_budget")
     settings: dict[str, Any] | None = {name: getattr(args, name) for name in names if hasattr(args, name)}
@@ -243,7 +255,8 @@ def serve(argv: list[str]) -> int:
         settings = None
     try:
         run_server(args.model, settings, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-                   attn_implementation=args.attn_implementation, log_level=args.log_level)
+                   attn_implementation=args.attn_implementation, max_batch_size=args.max_batch_size,
+                   batch_wait_ms=args.batch_wait_ms, log_level=args.log_level)
     except (TypeError, ValueError) as error:
         print(f"pio-fvlm serve: {error}", file=sys.stderr)
         return 2

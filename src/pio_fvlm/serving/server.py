@@ -1,105 +1,98 @@
-"""transformers' OpenAI-compatible server (``transformers serve``) with the served model pruned.
+"""``pio-fvlm serve``: load a VLM, wrap it, serve it with dynamic batching on Uvicorn.
 
-Nothing of the server is rewritten: a subclass of its ``ModelManager`` wraps every model it loads
-with :func:`pio_fvlm.wrap` (and tags the processor, see :mod:`~pio_fvlm.serving.report`), and the
-app it builds gets one middleware (:mod:`~pio_fvlm.serving.http`). Both are handed to
-transformers' own ``Serve`` while it starts.
+The model is loaded and wrapped before the server listens, so bad settings raise here with
+:func:`~pio_fvlm.wrap`'s messages. Only FastAPI, Uvicorn and the ``openai`` types are used, no
+server internals of transformers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from ..api import wrap
-from ..models import adapter_for
-from .http import ServingMiddleware
-from .report import PruningReports
+from .app import build_app
+from .batcher import DynamicBatcher
+from .core import BatchGenerator
 
 DEMO_NAME = "pio-fvlm-demo"  # the shipped demo model, served under this name
 
 
 def serving_available() -> bool:
-    from transformers.utils.import_utils import is_serve_available
+    """Whether the ``serve`` extra (FastAPI, Uvicorn, openai) is installed."""
+    import importlib.util
 
-    return bool(is_serve_available())
+    return all(importlib.util.find_spec(name) is not None for name in ("fastapi", "uvicorn", "openai"))
 
 
-def _local_name(model_id_and_revision: str) -> str:
-    """The demo model's folder for its served name; any other name unchanged."""
-    from transformers.cli.serving.utils import split_revision
+def load_model(model: str, *, device: str = "auto", dtype: str = "auto",
+               attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """(model, processor) of an HF id or folder (``"pio-fvlm-demo"``: the shipped demo model), in eval mode."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..shapes_vlm import ASSET_DIR
 
-    model_id, _ = split_revision(model_id_and_revision)
-    return str(ASSET_DIR) if model_id == DEMO_NAME else model_id_and_revision
+    path = str(ASSET_DIR) if model == DEMO_NAME else model
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype, dtype),
+                              "device_map": device}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    loaded = AutoModelForImageTextToText.from_pretrained(path, **kwargs).eval()
+    return loaded, AutoProcessor.from_pretrained(path)
 
 
-def pruned_model_manager(settings: dict[str, Any] | None, reports: PruningReports) -> type:
-    """A subclass of transformers' ``ModelManager`` whose models are wrapped with ``settings``
-    (``None``: served unpruned, still reporting the visual tokens seen)."""
-    from transformers.cli.serving.model_manager import ModelManager
+@dataclass
+class RunningServer:
+    """A server running in a background thread (``serve(..., block=False)``)."""
 
-    class PrunedModelManager(ModelManager):  # type: ignore[misc, valid-type]
-        def _load_processor(self, model_id_and_revision: str, gguf_file: str | None = None) -> Any:
-            processor = super()._load_processor(_local_name(model_id_and_revision), gguf_file=gguf_file)
-            return reports.tag_processor(processor)
+    server: Any
+    thread: threading.Thread
+    batcher: DynamicBatcher
 
-        def _load_model(self, model_id_and_revision: str, *args: Any, **kwargs: Any) -> Any:
-            model = super()._load_model(_local_name(model_id_and_revision), *args, **kwargs)
-            if settings is not None:
-                wrap(model, **settings)
-            visual_ids = adapter_for(model).find_parts(model).visual_token_ids
-            return reports.watch_model(model, visual_ids)
-
-    return PrunedModelManager
-
-
-@contextmanager
-def _extended_serve(manager_class: type, reports: PruningReports) -> Iterator[None]:
-    """While transformers' ``Serve`` starts: its model manager is ``manager_class`` and its app
-    gets the :class:`ServingMiddleware`."""
-    from transformers.cli.serving import model_manager as manager_module
-    from transformers.cli.serving import server as server_module
-
-    model_manager: Any = manager_module
-    server: Any = server_module
-    original_manager, original_build = model_manager.ModelManager, server.build_server
-
-    def build_server(manager: Any, *args: Any, **kwargs: Any) -> Any:
-        if not isinstance(manager, manager_class):
-            raise RuntimeError(
-                "this version of transformers' server creates its model manager in a way pio_fvlm cannot "
-                "extend, so the model would be served unpruned; use transformers >=5.20,<6"
-            )
-        app = original_build(manager, *args, **kwargs)
-        app.add_middleware(ServingMiddleware, reports=reports)
-        return app
-
-    model_manager.ModelManager, server.build_server = manager_class, build_server
-    try:
-        yield
-    finally:
-        model_manager.ModelManager, server.build_server = original_manager, original_build
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.batcher.close()
 
 
 def serve(model: str = DEMO_NAME, settings: dict[str, Any] | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, device: str = "auto", dtype: str = "auto", attn_implementation: str | None = None,
-          log_level: str = "warning", block: bool = True) -> Any:
+          max_batch_size: int = 8, batch_wait_ms: float = 10.0, log_level: str = "warning",
+          block: bool = True) -> RunningServer | None:
     """Serve ``model`` (an HF id, a folder, or ``"pio-fvlm-demo"``) pruned with the :func:`~pio_fvlm.wrap`
-    keywords ``settings`` (``{}``: the defaults; ``None``: unpruned) on ``host:port``.
-
-    The model is loaded and wrapped before the server listens, so bad settings raise here with
-    :func:`~pio_fvlm.wrap`'s messages. ``block=False`` returns transformers' ``Serve`` object with the
-    server running in a thread (``.kill_server()`` stops it).
+    keywords ``settings`` (``{}``: the defaults; ``None``: unpruned) on ``host:port``, answering
+    concurrent requests in batches of at most ``max_batch_size`` (waiting ``batch_wait_ms`` for
+    a batch to fill). ``block=False`` returns a :class:`RunningServer` (``.stop()`` stops it).
     """
     if not serving_available():
-        raise ImportError("serving needs transformers' server: pip install 'pio-fvlm[serve]'")
-    from transformers.cli.serve import Serve
+        raise ImportError("serving needs FastAPI, Uvicorn and openai: pip install 'pio-fvlm[serve]'")
+    import uvicorn
 
-    reports = PruningReports()
-    manager_class = pruned_model_manager(settings, reports)
-    with _extended_serve(manager_class, reports):
-        return Serve(force_model=model, host=host, port=port, device=device, dtype=dtype,
-                     attn_implementation=attn_implementation, log_level=log_level, non_blocking=not block)
+    batcher = DynamicBatcher(BatchGenerator(*_loaded_and_wrapped(model, settings, device, dtype,
+                                                                 attn_implementation)),
+                             max_batch_size=max_batch_size, wait_ms=batch_wait_ms)
+    server = uvicorn.Server(uvicorn.Config(build_app(batcher, model), host=host, port=port, log_level=log_level))
+    if block:
+        try:
+            server.run()
+        finally:
+            batcher.close()
+        return None
+    thread = threading.Thread(target=server.run, name="pio-fvlm-serve", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    return RunningServer(server, thread, batcher)
+
+
+def _loaded_and_wrapped(model: str, settings: dict[str, Any] | None, device: str, dtype: str,
+                        attn_implementation: str | None) -> tuple[Any, Any]:
+    loaded, processor = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    if settings is not None:
+        wrap(loaded, **settings)
+    return loaded, processor
