@@ -9,6 +9,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
+from .compat import warn_if_untested_versions
 from .config import Budget, PruneConfig
 from .encoder import check_encoder_settings, install_encoder
 from .models import adapter_for
@@ -62,6 +63,7 @@ def wrap(
     for batch 1 on a fast GPU; the first prefill of each bucket compiles).
     ``selector=`` swaps the token choice (for baselines and tests); PIO-FVLM by default.
     """
+    warn_if_untested_versions()
     keywords = {
         "budget": budget,
         "layer": layer,

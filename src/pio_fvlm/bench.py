@@ -46,6 +46,7 @@ from .bench_models import (
     random_llava15_7b,
     shape_inputs,
 )
+from .compat import output_cache
 from .config import PruneConfig
 from .measure import OpStats, TimedSelector, kv_cache_bytes, pre_hook_seconds, synchronize, timed
 from .models import adapter_for, visual_token_counts
@@ -127,7 +128,7 @@ class Bench:
         self._configure(mode)
         with torch.inference_mode():
             out = self.prefill(mode)
-            cache = getattr(out, "cache", None) or out.past_key_values  # transformers 5.2x names it `cache`
+            cache = output_cache(out)
             mode.kv_bytes, mode.kv_layer_bytes = kv_cache_bytes(cache)
             del out
         with torch.no_grad(), OpStats() as stats:  # dispatch modes see no operator under inference_mode

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import testing
+from .compat import anyres_patch_count
 
 TEXT_BEFORE = 5  # text tokens before the visual ones; the rest of --text-tokens comes after
 
@@ -303,8 +304,7 @@ def shape_inputs(model: nn.Module, shape: Shape, batch: int, text_tokens: int = 
         n_visual = shape.tiles * int(cfg.image_seq_length)
         before, after = [testing.VISION_START_ID], [testing.VISION_END_ID]  # <img> ... </img>
     elif shape.visual in ("next-image", "onevision-image"):
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
+        image_size_to_num_patches = anyres_patch_count("llava_next")
         size = (shape.image_px, shape.image_px)
         views = image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
         side = cfg.vision_config.image_size

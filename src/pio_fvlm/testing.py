@@ -33,6 +33,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from .compat import anyres_patch_count, video_processor_internals
+
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # families whose prompts may hold videos
 TIMESTAMP_ID = 6  # Qwen3-VL: a text token before each video frame (the processor writes "<t seconds>")
@@ -344,8 +346,7 @@ def visual_tokens_per_image(model: nn.Module) -> int:
 
 
 def _llava_next_counts(model: nn.Module, sizes: list[tuple[int, int]]) -> list[int]:
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
+    image_size_to_num_patches = anyres_patch_count("llava_next")
     cfg = model.config
     views = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
     side = cfg.vision_config.image_size
@@ -366,7 +367,7 @@ def _onevision_pixels(model: nn.Module, prompts: list[Prompt], g: torch.Generato
     per_prompt = [p.images for p in prompts if p.images]
     counts: list[int] = []
     if sizes:
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+        image_size_to_num_patches = anyres_patch_count("llava_onevision")
 
         anyres = [n == 1 for n in per_prompt for _ in range(n)]
         views = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, side) if a else 1
@@ -419,8 +420,7 @@ def make_batch(
     elif family == "llava_next":
         sizes = [NEXT_IMAGE_SIZES[p.size] for p in prompts for _ in range(p.images)]
         counts = _llava_next_counts(model, sizes)
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
+        image_size_to_num_patches = anyres_patch_count("llava_next")
         cfg = model.config
         views = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) for s in sizes]
         side = cfg.vision_config.image_size
@@ -581,7 +581,7 @@ def checkpoint_chat_template(family: str) -> str:
 
 def _no_video_processor() -> Any:
     """A video processor that handles no videos: it needs no torchvision (the real ones do)."""
-    from transformers.video_processing_utils import VideoProcessorMixin
+    _, VideoProcessorMixin, _ = video_processor_internals()
 
     class NoVideoProcessor(VideoProcessorMixin):
         """Stands in for the family's video processor: image requests only."""
@@ -602,8 +602,7 @@ def images_only_processors() -> Iterator[None]:
     the stand-in; tokenizer, image processor and processor class load as for a real checkpoint.
     Used with torchvision too, so that the checkpoints are the same everywhere.
     """
-    from transformers import processing_utils as pu
-    from transformers.models.auto.video_processing_auto import AutoVideoProcessor  # the real class, not a dummy
+    pu, _, AutoVideoProcessor = video_processor_internals()  # the real class, not a dummy
 
     base = pu.MODALITY_TO_BASE_CLASS_MAPPING["video_processor"]
     loader = AutoVideoProcessor.__dict__["from_pretrained"]

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .compat import anyres_helpers
+
 
 @dataclass(frozen=True)
 class TokenView:
@@ -85,7 +87,7 @@ def _llava_next_views(config: Any, sizes: list[tuple[int, int]]) -> list[TokenVi
 def _high_res_grid(config: Any, width: int, height: int, max_tiles: int | None = None) -> tuple[int, int]:
     """Rows and columns of LLaVA-NeXT / OneVision's unpadded high-resolution grid of one image; with
     ``max_tiles`` (OneVision's ``anyres_max_N``), shrunk as the model shrinks it."""
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    get_anyres_image_grid_shape, unpad_image = anyres_helpers()
 
     tile = config.vision_config.image_size
     side = tile // config.vision_config.patch_size

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..compat import anyres_helpers
 from ..select.selector import SelectionRequest
 from .visionzip import ClsAttentionCapture, dominant_and_contextual, images_of_sample, share_budget, split_dominant
 
@@ -30,7 +31,7 @@ def tile_patch_map(image_size: tuple[int, int], pinpoints: list[list[int]], tile
         tile_of: (n,) long, the tile (0 = base, then the grid row-major), -1 for newlines;
         patch_of: (n,) long, the patch within its tile (row-major), -1 for newlines.
     """
-    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    get_anyres_image_grid_shape, unpad_image = anyres_helpers()
 
     tiles_h, tiles_w = get_anyres_image_grid_shape(image_size, pinpoints, tile)
     full_h, full_w = tiles_h * side, tiles_w * side

@@ -19,7 +19,6 @@ This module imports lmms-eval; the entry point that registers it is
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
 from .. import unwrap, wrap
+from ..compat import forward_cache_keyword, output_cache
 
 WRAP_ARGS = ("budget", "layer", "nms_threshold", "preset", "encoder", "encoder_budget")
 
@@ -209,7 +209,7 @@ class PioFvlm(lmms):
                 # No attention mask: one unpadded row needs none, and with one (prompt + continuation
                 # long) Qwen-VL's M-RoPE gives positions for the whole mask instead of the new tokens
                 # (a shape error); without it they continue from the cache, after the rope deltas.
-                cache = getattr(first, "cache", None) or first.past_key_values
+                cache = output_cache(first)
                 rest = self.model(input_ids=target[:, :-1], use_cache=True, **{self.cache_keyword: cache})
                 logits.append(rest.logits)
             logprobs = torch.cat(logits, dim=1).float().log_softmax(-1)[0]
@@ -219,9 +219,8 @@ class PioFvlm(lmms):
 
     @property
     def cache_keyword(self) -> str:
-        """transformers 5.x renames ``past_key_values`` to ``cache`` (old name removed in 5.40)."""
-        params = inspect.signature(self.model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        """The keyword the model's forward takes its KV cache by (``cache`` in transformers 5.2x)."""
+        return forward_cache_keyword(self.model)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("pio_fvlm: multi-round generation is not supported; use single-round tasks")

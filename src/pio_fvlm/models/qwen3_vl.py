@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compat import DEEPSTACK_METHOD
 from ..viz import qwen_video_views, qwen_views
 from .base import Adapter, language_model_parts
 
@@ -50,7 +51,7 @@ class DeepStackOnKeptTokens:
         if stage is None or stage.full_index is None or stage.full_index.shape[1] != hidden_states.shape[1]:
             # full-length hidden states (before the prune layer, or scattered back after the last layer)
             own: Any = type(self.language_model)
-            return own._deepstack_process(self.language_model, hidden_states, visual_pos_masks, visual_embeds)
+            return getattr(own, DEEPSTACK_METHOD)(self.language_model, hidden_states, visual_pos_masks, visual_embeds)
         mask = visual_pos_masks.to(hidden_states.device)
         ordinal = mask.flatten().cumsum(0).view_as(mask) - 1  # (B, L): each visual position's embedding row
         slots = stage.full_index.clamp(min=0)  # (B, S) full-sequence position of each slot
@@ -64,7 +65,7 @@ class DeepStackOnKeptTokens:
 def deepstack_patches(model: nn.Module, runtime: Any) -> list[tuple[nn.Module, str, Any]]:
     """The stand-in, installed on the language model for the wrap's lifetime."""
     language_model: Any = model.model.language_model  # type: ignore[union-attr]
-    return [(language_model, "_deepstack_process", DeepStackOnKeptTokens(runtime, language_model))]
+    return [(language_model, DEEPSTACK_METHOD, DeepStackOnKeptTokens(runtime, language_model))]
 
 
 find_qwen3_vl_parts = partial(language_model_parts, visual_ids=_image_and_video_ids)

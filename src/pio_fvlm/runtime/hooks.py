@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
-from transformers.cache_utils import DynamicCache
 
+from ..compat import dynamic_cache_class, layer_cache
 from ..config import Budget, PruneConfig, tokens_to_keep
 from ..models.base import ModelParts
 from ..select.closed_form import supports_closed_form
@@ -41,9 +41,8 @@ from .state import CacheRecord, CallState, StageCache, StageInputs
 logger = logging.getLogger("pio_fvlm")
 
 
-def _cache_of(kwargs: dict[str, Any]) -> Any:
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
+DynamicCache = dynamic_cache_class()
+_cache_of = layer_cache
 
 
 def _offloaded(module: torch.nn.Module) -> bool:

@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+from ..compat import mask_interface
+
+ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function = mask_interface()
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import inspect
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import CACHE_KEYWORDS, function_parameters, rotary_function
 from ..tensor_ops import gather_tokens
 
 # Set while the probe calls a decoder layer, so that our own layer hooks stand aside.
@@ -134,8 +133,9 @@ def run_layer_on(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict[str, Any]
     """The real decoder layer on ``x`` with the model's own kwargs, without touching the KV
     cache and with our hooks standing aside. Returns its (B, S, D) output."""
     kwargs = _clone_tree(layer_kwargs)  # clones: inference tensors become usable by autograd
-    kwargs.update(cache=None, use_cache=False)
-    kwargs.pop("past_key_values", None)
+    kwargs.update({CACHE_KEYWORDS[0]: None, "use_cache": False})
+    for name in CACHE_KEYWORDS[1:]:
+        kwargs.pop(name, None)
     token = PROBING.set(True)
     try:
         out = layer(x, **kwargs)
@@ -160,15 +160,13 @@ _FAST_ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _QK_NORMS = {"q_norm", "k_norm"}  # per-head norms of queries and keys (Qwen3), applied before the rotary
 
 
-def _rotary_fn(attn: nn.Module) -> Callable[..., Any] | None:
-    module = sys.modules.get(type(attn).__module__)
-    return getattr(module, "apply_rotary_pos_emb", None)
+_rotary_fn = rotary_function
 
 
 @functools.cache
 def _takes_unsqueeze_dim(rotary: Callable[..., Any]) -> bool:
     # once per rotary function, not per prefill: signature inspection is slow
-    return "unsqueeze_dim" in inspect.signature(rotary).parameters
+    return "unsqueeze_dim" in function_parameters(rotary)
 
 
 def _rotate_tokens_major(rotary: Callable[..., Any], x: torch.Tensor, cos: torch.Tensor,
