@@ -4,11 +4,11 @@ moved one fails with the transformers version and what moved, and only compat re
 from __future__ import annotations
 
 import re
-import tomllib
 import warnings
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import transformers
 from torch import nn
