@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flash_attn_standin import flash_attention_2_standin, use_flash_attention_2
 from pio_fvlm.testing import FAMILIES, tiny_llava, tiny_vlm
 
 torch.set_num_threads(2)
+
+# Every registered family, with every attention backend the runtime supports on a CPU
+# (FlashAttention-2 through the plain-torch stand-in of flash-attn, tests/flash_attn_standin.py).
+INVARIANT_FAMILIES = (*FAMILIES, "qwen3_vl_moe")
+BACKENDS = ("sdpa", "eager", "flash_attention_2")
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +26,11 @@ def llava_eager():
     return tiny_llava(attn_implementation="eager")
 
 
-@pytest.fixture(params=[(f, a) for f in FAMILIES for a in ("sdpa", "eager")], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(params=[(f, a) for f in INVARIANT_FAMILIES for a in BACKENDS], ids=lambda p: f"{p[0]}-{p[1]}")
 def any_model(request):
     family, attn = request.param
-    return tiny_vlm(family, attn_implementation=attn, seed=3)
+    if attn != "flash_attention_2":
+        yield tiny_vlm(family, attn_implementation=attn, seed=3)
+        return
+    with flash_attention_2_standin():
+        yield use_flash_attention_2(tiny_vlm(family, attn_implementation="sdpa", seed=3))

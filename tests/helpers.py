@@ -110,3 +110,11 @@ def assert_encoder_then_pio_stages(model, encoder_sizes: list[int], pio_sizes: l
     assert [len(s) for s in stage0] == encoder_sizes and [len(s) for s in stage1] == pio_sizes
     for a, b in zip(stage0, stage1):
         assert set(b.tolist()) <= set(a.tolist())
+
+
+def with_cache(model, cache) -> dict:
+    """``cache`` as the keyword argument the model's forward takes it by (``cache`` in
+    transformers 5.2x, ``past_key_values`` in 5.20)."""
+    from pio_fvlm.compat import forward_cache_keyword
+
+    return {forward_cache_keyword(model): cache}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from helpers import FixedSelector, layer_lengths, n_visual, standard_batch, standard_prompts
+from helpers import FixedSelector, layer_lengths, n_visual, standard_batch, standard_prompts, with_cache
 from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
 
 
@@ -241,16 +241,16 @@ def test_a_reused_cache_object_starts_clean():
     with torch.no_grad():
         fresh = model(**second, use_cache=True).logits
         reused = DynamicCache(config=model.config.text_config)
-        model(**first, cache=reused, use_cache=True)
+        model(**first, **with_cache(model, reused), use_cache=True)
         assert reused.get_seq_length() > 0
         reused.reset()  # emptied, as a serving loop reusing one cache object does
-        again = model(**second, cache=reused, use_cache=True).logits
+        again = model(**second, **with_cache(model, reused), use_cache=True).logits
         step = {"input_ids": torch.full((2, 1), 9), "attention_mask": torch.cat(
             [second["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)}
         fresh_cache = DynamicCache(config=model.config.text_config)
-        model(**second, cache=fresh_cache, use_cache=True)
-        next_fresh = model(**step, cache=fresh_cache, use_cache=True).logits
-        next_reused = model(**step, cache=reused, use_cache=True).logits
+        model(**second, **with_cache(model, fresh_cache), use_cache=True)
+        next_fresh = model(**step, **with_cache(model, fresh_cache), use_cache=True).logits
+        next_reused = model(**step, **with_cache(model, reused), use_cache=True).logits
     torch.testing.assert_close(again, fresh)
     torch.testing.assert_close(next_reused, next_fresh)
 
@@ -274,18 +274,19 @@ def test_a_continued_chunk_with_padding_equals_each_row_alone(positions):
     pio_fvlm.wrap(model, budget=3, positions=positions)
     with torch.no_grad():
         cache = DynamicCache(config=model.config.text_config)
-        model(**batch, position_ids=positions_of(batch["attention_mask"]), cache=cache, use_cache=True)
+        model(**batch, position_ids=positions_of(batch["attention_mask"]), **with_cache(model, cache), use_cache=True)
         full_mask = torch.cat([batch["attention_mask"], chunk_mask], 1)
         together = model(input_ids=chunk, attention_mask=full_mask, position_ids=positions_of(full_mask)[:, -3:],
-                         cache=cache, use_cache=True).logits
+                         **with_cache(model, cache), use_cache=True).logits
         for i in range(2):
             alone = split_batch(model, prompts, batch, i)
             own = chunk[i][chunk_mask[i].bool()].unsqueeze(0)
             cache = DynamicCache(config=model.config.text_config)
-            model(**alone, position_ids=positions_of(alone["attention_mask"]), cache=cache, use_cache=True)
+            model(**alone, position_ids=positions_of(alone["attention_mask"]), **with_cache(model, cache),
+                  use_cache=True)
             mask = torch.cat([alone["attention_mask"], torch.ones_like(own)], 1)
             solo = model(input_ids=own, attention_mask=mask, position_ids=positions_of(mask)[:, -own.shape[1]:],
-                         cache=cache, use_cache=True).logits
+                         **with_cache(model, cache), use_cache=True).logits
             torch.testing.assert_close(together[i][chunk_mask[i].bool()], solo[0], atol=1e-5, rtol=1e-4)
 
 

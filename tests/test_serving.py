@@ -192,7 +192,7 @@ def test_core_a_bad_request_in_a_batch_fails_alone(generator):
     two_images = openai_request(asked[0][1].question, asked[0][0])
     two_images.images.append(asked[1][0])  # two images for one image placeholder: the processor refuses
     answers = generator.generate([requests[0], two_images, requests[1], requests[2]])
-    assert isinstance(answers[1], BadRequest) and "processor" in str(answers[1])
+    assert isinstance(answers[1], BadRequest)  # the processor or the model refuses it, by transformers version
     expected = generator.generate(requests)
     assert [a.text for a in answers if isinstance(a, ChatAnswer)] == [a.text for a in expected]
 

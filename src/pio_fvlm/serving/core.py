@@ -224,7 +224,7 @@ class BatchGenerator:
                     self._generate_group([requests[i] for i in indices], [callbacks[i] for i in indices]))
             except Exception as error:  # noqa: BLE001 (one bad request must not fail its group)
                 if len(indices) == 1:
-                    answers = [error]
+                    answers = [_as_request_error(error)]
                 else:
                     answers = [self._alone(requests[i], callbacks[i]) for i in indices]
             for i, answer in zip(indices, answers):
@@ -235,7 +235,7 @@ class BatchGenerator:
         try:
             return self._generate_group([request], [callback])[0]
         except Exception as error:  # noqa: BLE001
-            return error
+            return _as_request_error(error)
 
     def prepare(self, requests: Sequence[ChatRequest]) -> dict[str, Any]:
         """The processor's left-padded batch of ``requests``' prompts, on the model's device."""
@@ -285,6 +285,14 @@ class BatchGenerator:
         if "max_new_tokens" not in kwargs and getattr(self.model.generation_config, "max_new_tokens", None) is None:
             kwargs["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         return kwargs
+
+
+def _as_request_error(error: Exception) -> Exception:
+    """A ValueError of the processor or the model on one request alone is that request's fault
+    (its images do not fit its prompt, say): a :class:`BadRequest`. Anything else stays a failure."""
+    if isinstance(error, ValueError) and not isinstance(error, BadRequest):
+        return BadRequest(f"the model cannot take this request: {error}")
+    return error
 
 
 def _through_eos(tokens: list[int], eos: set[int]) -> list[int]:
