@@ -108,9 +108,21 @@ def test_unwrapped_fa2_model_equals_sdpa_at_batch_1_and_left_padded(family, stan
 
 
 def test_the_fa2_path_really_runs_the_standin(standin, monkeypatch):
+    calls = _count_flash_calls(monkeypatch)
+    from transformers import modeling_flash_attention_utils as utils
+
+    monkeypatch.setattr(utils, "_loaded_implementation", None)
+    _, fa2 = _fa2_and_sdpa("llava")
+    _logits(fa2, standard_batch(fa2))  # left padded: the unpadded (varlen) path
+    _logits(fa2, make_batch(fa2, standard_prompts(fa2)[:1]))  # no padding: the batch-major path
+    assert "flash_attn_varlen_func" in calls and "flash_attn_func" in calls
+
+
+def _count_flash_calls(monkeypatch) -> list[str]:
+    """The names of the stand-in's functions, one per call, from now on."""
     import flash_attn
 
-    calls = []
+    calls: list[str] = []
 
     def counted(name):
         original = getattr(flash_attn, name)
@@ -127,10 +139,7 @@ def test_the_fa2_path_really_runs_the_standin(standin, monkeypatch):
     from transformers import modeling_flash_attention_utils as utils
 
     monkeypatch.setattr(utils, "_loaded_implementation", None)
-    _, fa2 = _fa2_and_sdpa("llava")
-    _logits(fa2, standard_batch(fa2))  # left padded: the unpadded (varlen) path
-    _logits(fa2, make_batch(fa2, standard_prompts(fa2)[:1]))  # no padding: the batch-major path
-    assert "flash_attn_varlen_func" in calls and "flash_attn_func" in calls
+    return calls
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -167,6 +176,19 @@ def test_fa2_batch_1_with_kept_positions_is_not_read_as_packed_sequences(family,
     assert torch.allclose(_logits(fa2, alone), _logits(sdpa, alone), atol=1e-4, rtol=1e-4)
     out_sdpa = sdpa.generate(**alone, **GREEDY)
     assert torch.equal(fa2.generate(**alone, **GREEDY), out_sdpa)
+
+
+def test_fa2_pruned_layers_at_batch_1_take_the_batch_major_path(standin, monkeypatch):
+    """The pruned layers get no position ids under FlashAttention (their rotary comes with the
+    position embeddings), so transformers does not read the gaps as packing: no varlen call and
+    no host read per layer."""
+    _, fa2 = _fa2_and_sdpa("llava", seed=4)
+    alone = make_batch(fa2, [Prompt(before=[5, 6, 7], after=[9, 10, 11, 12], size=0)])
+    pio_fvlm.wrap(fa2, budget=3, layer=1, positions="keep")
+    calls = _count_flash_calls(monkeypatch)
+    _logits(fa2, alone)
+    layers = len(fa2.model.language_model.layers)
+    assert len(calls) > layers and set(calls) == {"flash_attn_func"}  # the vision tower's, then every layer's
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)

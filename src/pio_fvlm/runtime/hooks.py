@@ -45,6 +45,10 @@ DynamicCache = dynamic_cache_class()
 _cache_of = layer_cache
 
 
+def _flash_backend(text_config: Any) -> bool:
+    return str(getattr(text_config, "_attn_implementation", None) or "").startswith("flash_attention")
+
+
 def _offloaded(module: torch.nn.Module) -> bool:
     """True when accelerate offloads the module's weights (they sit on the meta device)."""
     return any(p.device.type == "meta" for p in module.parameters())
@@ -293,6 +297,11 @@ class Runtime:
             kwargs["position_ids"] = st.position_ids
         if st.position_embeddings is not None and "position_embeddings" in kwargs:
             kwargs["position_embeddings"] = st.position_embeddings
+            if _flash_backend(self.parts.text_config):
+                # The rotary comes from position_embeddings. transformers' FlashAttention reads
+                # position ids only to detect packed sequences: kept positions have gaps, which it
+                # would take for packing at batch 1 (exact, but a host read in every pruned layer).
+                kwargs["position_ids"] = None
         if args:
             args = (hidden, *args[1:])
         else:
