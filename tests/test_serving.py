@@ -192,7 +192,7 @@ def test_core_a_bad_request_in_a_batch_fails_alone(generator):
     two_images = openai_request(asked[0][1].question, asked[0][0])
     two_images.images.append(asked[1][0])  # two images for one image placeholder: the processor refuses
     answers = generator.generate([requests[0], two_images, requests[1], requests[2]])
-    assert isinstance(answers[1], BadRequest)  # the processor or the model refuses it, by transformers version
+    assert isinstance(answers[1], BadRequest) and "1 image part(s) but 2 image(s)" in str(answers[1])
     expected = generator.generate(requests)
     assert [a.text for a in answers if isinstance(a, ChatAnswer)] == [a.text for a in expected]
 
@@ -211,3 +211,24 @@ def test_the_cli_refuses_bad_batch_settings():
         done = subprocess.run([sys.executable, "-m", "pio_fvlm.cli", "serve", flag, value], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 2 and flag in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("error, kind", [(ValueError("features and tokens do not match"), BadRequest),
+                                         (RuntimeError("out of memory"), RuntimeError)])
+def test_core_a_request_the_model_refuses_fails_alone_and_keeps_its_kind(generator, monkeypatch, error, kind):
+    """A group that fails is retried request by request: the one that fails alone gets its own
+    error (a model's ValueError on one request is that request's fault: a 400), the others answers."""
+    asked = scenes(3, seed=81)
+    requests = [openai_request(qa.question, image) for image, qa in asked]
+    poisoned = requests[1]
+    original = BatchGenerator._generate_group
+
+    def refusing(self, group, callbacks):
+        if any(r is poisoned for r in group):
+            raise error
+        return original(self, group, callbacks)
+
+    monkeypatch.setattr(BatchGenerator, "_generate_group", refusing)
+    answers = generator.generate(requests)
+    assert type(answers[1]) is kind and str(error) in str(answers[1])
+    assert [a.batch_size for a in answers if isinstance(a, ChatAnswer)] == [1, 1]

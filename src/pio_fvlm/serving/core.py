@@ -65,6 +65,14 @@ class ChatRequest:
     images: list[Any] = field(default_factory=list)
     settings: GenerationSettings = field(default_factory=GenerationSettings)
 
+    def check(self) -> None:
+        """A :class:`BadRequest` unless every image part has its image (some processors would
+        silently pair them otherwise)."""
+        parts = sum(1 for m in self.messages if isinstance(m.get("content"), list)
+                    for part in m["content"] if part.get("type") == "image")
+        if parts != len(self.images):
+            raise BadRequest(f"the messages have {parts} image part(s) but {len(self.images)} image(s) were given")
+
     def group_key(self) -> tuple[GenerationSettings, bool]:
         # Text-only and image prompts go to separate batches: a processor that expands image
         # placeholders wants images for every row of a batch that has any.
@@ -239,6 +247,8 @@ class BatchGenerator:
 
     def prepare(self, requests: Sequence[ChatRequest]) -> dict[str, Any]:
         """The processor's left-padded batch of ``requests``' prompts, on the model's device."""
+        for request in requests:
+            request.check()
         texts = [self.processor.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
                  for r in requests]
         images = [image for r in requests for image in r.images]
