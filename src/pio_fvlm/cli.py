@@ -239,9 +239,22 @@ def serve(argv: list[str]) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long the first request of a batch waits for others (default 10 ms)")
     p.add_argument("--log-level", default="warning", help="the server's log level (default warning)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: one process, one model (default); ray: Ray Serve replicas, here or on a cluster")
+    p.add_argument("--replicas", type=_positive_int, default=None, help="Ray Serve replicas of the model (default 1)")
+    p.add_argument("--num-gpus-per-replica", type=float, default=None,
+                   help="GPUs Ray gives each replica (default 1 when CUDA is available, else 0)")
+    p.add_argument("--address", default=None,
+                   help="the Ray cluster to join (auto: the one running on this machine); default: start a local one")
     args = p.parse_args(argv)
     if args.batch_wait_ms < 0:
         p.error(f"--batch-wait-ms must be >= 0; got {args.batch_wait_ms}")
+    ray_only = [flag for flag, value in (("--replicas", args.replicas), ("--num-gpus-per-replica",
+                args.num_gpus_per_replica), ("--address", args.address)) if value is not None]
+    if ray_only and args.engine != "ray":
+        p.error(f"{', '.join(ray_only)} need --engine ray")
+    if args.num_gpus_per_replica is not None and args.num_gpus_per_replica < 0:
+        p.error(f"--num-gpus-per-replica must be >= 0; got {args.num_gpus_per_replica}")
     if not serving_available():
         print("pio-fvlm serve needs FastAPI, Uvicorn and openai: pip install 'pio-fvlm[serve]'", file=sys.stderr)
         return 1
@@ -253,10 +266,24 @@ def serve(argv: list[str]) -> int:
         if settings:
             p.error(f"--no-pruning serves the model unpruned: leave out {', '.join(sorted(settings))}")
         settings = None
+    common = dict(host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+                  attn_implementation=args.attn_implementation, max_batch_size=args.max_batch_size,
+                  batch_wait_ms=args.batch_wait_ms)
     try:
-        run_server(args.model, settings, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-                   attn_implementation=args.attn_implementation, max_batch_size=args.max_batch_size,
-                   batch_wait_ms=args.batch_wait_ms, log_level=args.log_level)
+        if args.engine == "ray":
+            from .serving.ray_engine import ray_available, serve_on_ray
+
+            if not ray_available():
+                print("pio-fvlm serve --engine ray needs Ray Serve: pip install 'pio-fvlm[ray]'", file=sys.stderr)
+                return 1
+            if args.num_gpus_per_replica is None:
+                import torch
+
+                args.num_gpus_per_replica = 1.0 if torch.cuda.is_available() else 0.0
+            serve_on_ray(args.model, settings, replicas=args.replicas or 1,
+                         num_gpus_per_replica=args.num_gpus_per_replica, address=args.address, **common)
+        else:
+            run_server(args.model, settings, log_level=args.log_level, **common)
     except (TypeError, ValueError) as error:
         print(f"pio-fvlm serve: {error}", file=sys.stderr)
         return 2

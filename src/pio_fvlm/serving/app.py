@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP app: ``/v1/chat/completions`` (plain and streaming), ``/v1/models``,
-``/health``, over a :class:`~pio_fvlm.serving.batcher.DynamicBatcher`.
+``/health``, over a function that answers one chat request (in a batch: the in-process
+:class:`~pio_fvlm.serving.batcher.DynamicBatcher`, or Ray Serve's ``@serve.batch``).
 
 Responses are built with the ``openai`` package's own types. Each answer carries what was pruned
 (``usage.visual_tokens = {"seen": N, "kept": K}``; for a plain answer also the headers
@@ -12,12 +13,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from .batcher import DynamicBatcher
 from .checks import check_chat_request
-from .core import BadRequest, ChatAnswer, chat_request_from_openai
+from .core import BadRequest, ChatAnswer, ChatRequest, TokenCallback, chat_request_from_openai
+
+# Answers one request (``on_text`` gets its text piece by piece, from any thread), in a batch with others.
+Submit = Callable[[ChatRequest, TokenCallback | None], Awaitable[ChatAnswer]]
 
 USAGE_FIELD = "visual_tokens"
 HEADER_SEEN = "X-PIO-FVLM-Visual-Tokens-Seen"
@@ -41,8 +44,8 @@ def _answer_headers(answer: ChatAnswer, request_id: str) -> dict[str, str]:
             HEADER_BATCH: str(answer.batch_size), REQUEST_ID_HEADER: request_id}
 
 
-def build_app(batcher: DynamicBatcher, model_name: str) -> Any:
-    """A FastAPI app serving ``batcher``'s model under the name ``model_name``."""
+def build_app(submit: Submit, model_name: str) -> Any:
+    """A FastAPI app answering with ``submit`` under the model name ``model_name``."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -81,7 +84,7 @@ def build_app(batcher: DynamicBatcher, model_name: str) -> Any:
             return StreamingResponse(_stream(chat, completion_id), media_type="text/event-stream",
                                      headers={REQUEST_ID_HEADER: request_id})
         try:
-            answer = await asyncio.wrap_future(batcher.submit(chat))
+            answer = await submit(chat, None)
         except BadRequest as bad:
             return error(400, str(bad), request_id)
         except Exception as failure:  # noqa: BLE001 (the server keeps serving)
@@ -101,7 +104,7 @@ def build_app(batcher: DynamicBatcher, model_name: str) -> Any:
         def on_text(text: str) -> None:  # on the batcher's thread
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
-        future: asyncio.Future[ChatAnswer] = asyncio.wrap_future(batcher.submit(chat, on_text))
+        future: asyncio.Future[ChatAnswer] = asyncio.ensure_future(submit(chat, on_text))
 
         def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None, last: bool = False) -> str:
             choices = [] if last else [{"index": 0, "delta": delta, "finish_reason": finish}]

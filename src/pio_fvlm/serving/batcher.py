@@ -42,6 +42,12 @@ class DynamicBatcher:
         self._queue.put(_Pending(request, on_text, future))
         return future
 
+    async def answer(self, request: ChatRequest, on_text: TokenCallback | None = None) -> ChatAnswer:
+        """:meth:`submit`, awaited (the app's ``submit`` function)."""
+        import asyncio
+
+        return await asyncio.wrap_future(self.submit(request, on_text))
+
     def close(self) -> None:
         """Stop the worker once the requests queued so far are answered."""
         self._queue.put(None)

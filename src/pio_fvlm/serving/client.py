@@ -59,7 +59,12 @@ def post_chat(url: str, body: dict[str, Any] | bytes, timeout: float = 120) -> t
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, dict(response.headers), json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), json.loads(error.read() or b"null")
+        body = error.read()
+        try:
+            detail = json.loads(body or b"null")
+        except json.JSONDecodeError:  # a proxy's plain-text error page (Ray Serve's 5xx, say)
+            detail = {"detail": body.decode(errors="replace")}
+        return error.code, dict(error.headers), detail
 
 
 class ServerProcess:

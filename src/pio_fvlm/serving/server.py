@@ -46,6 +46,22 @@ def load_model(model: str, *, device: str = "auto", dtype: str = "auto",
     return loaded, AutoProcessor.from_pretrained(path)
 
 
+def check_settings(model: str, settings: dict[str, Any] | None) -> None:
+    """Raise :func:`~pio_fvlm.wrap`'s error for bad ``settings``, on a weightless copy of the
+    model built from its configuration (nothing is loaded)."""
+    if settings is None:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from ..shapes_vlm import ASSET_DIR
+
+    config = AutoConfig.from_pretrained(str(ASSET_DIR) if model == DEMO_NAME else model)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    wrap(skeleton, **settings)
+
+
 @dataclass
 class RunningServer:
     """A server running in a background thread (``serve(..., block=False)``)."""
@@ -76,7 +92,7 @@ def serve(model: str = DEMO_NAME, settings: dict[str, Any] | None = None, *, hos
     batcher = DynamicBatcher(BatchGenerator(*_loaded_and_wrapped(model, settings, device, dtype,
                                                                  attn_implementation)),
                              max_batch_size=max_batch_size, wait_ms=batch_wait_ms)
-    server = uvicorn.Server(uvicorn.Config(build_app(batcher, model), host=host, port=port, log_level=log_level))
+    server = uvicorn.Server(uvicorn.Config(build_app(batcher.answer, model), host=host, port=port, log_level=log_level))
     if block:
         try:
             server.run()

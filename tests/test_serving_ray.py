@@ -1,0 +1,101 @@
+"""`pio-fvlm serve --engine ray`: a real local Ray cluster and Ray Serve replica on 127.0.0.1 (started
+by the test, stopped at its end), the shipped demo model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="the ray engine needs the ray extra: pip install -e '.[ray]'")
+
+from pio_fvlm.serving.client import ServerProcess, chat_body, post_chat  # noqa: E402
+from test_serving import BUDGET, local, local_answer, scenes  # noqa: E402, F401 (local: a fixture)
+
+REPLICA = "ServeReplica:pio-fvlm:PrunedVLM"  # the replica actor's process title
+
+
+@pytest.fixture(scope="module")
+def ray_server():
+    with ServerProcess(["--engine", "ray", "--budget", str(BUDGET)], startup_timeout=300) as running:
+        yield running
+
+
+def test_sixteen_concurrent_requests_all_answered_correctly_in_batches(ray_server, local):
+    asked = scenes(16, seed=91)
+    expected = [local_answer(local, image, qa.question)[0] for image, qa in asked]
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda item: post_chat(ray_server.url, chat_body(item[1].question, item[0])), asked))
+    assert [status for status, _, _ in replies] == [200] * 16
+    assert [r["choices"][0]["message"]["content"].strip() for _, _, r in replies] == expected
+    assert all(r["usage"]["visual_tokens"] == {"seen": 576, "kept": BUDGET} for _, _, r in replies)
+    assert max(int(headers["x-pio-fvlm-batch-size"]) for _, headers, _ in replies) > 1
+
+
+def test_openai_client_plain_and_streaming(ray_server, local):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="unused")
+    image, qa = scenes(1, seed=93)[0]
+    expected, _ = local_answer(local, image, qa.question)
+    messages = chat_body(qa.question, image)["messages"]
+    assert client.chat.completions.create(model="pio-fvlm-demo", messages=messages).choices[0].message.content \
+        .strip() == expected
+    chunks = list(client.chat.completions.create(model="pio-fvlm-demo", messages=messages, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == expected
+    assert chunks[-1].usage.model_extra["visual_tokens"] == {"seen": 576, "kept": BUDGET}
+
+
+def test_bad_requests_get_a_400_and_the_server_keeps_serving(ray_server, local):
+    for body, words in ((b"{not json", "not JSON"), ({"messages": []}, "non-empty list"),
+                        (chat_body("q", model="gpt-4o"), "pio-fvlm-demo")):
+        status, _, reply = post_chat(ray_server.url, body)
+        assert status == 400 and words in reply["detail"]
+    image, qa = scenes(1, seed=95)[0]
+    status, _, reply = post_chat(ray_server.url, chat_body(qa.question, image))
+    assert status == 200 and reply["choices"][0]["message"]["content"].strip() == local_answer(
+        local, image, qa.question)[0]
+
+
+def _replica_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if REPLICA in line]
+
+
+def test_a_killed_replica_is_replaced_and_requests_in_flight_fail_fast(ray_server, local):
+    pids = _replica_pids()
+    assert len(pids) == 1, pids
+    asked = scenes(6, seed=97)
+    with ThreadPoolExecutor(6) as pool:
+        pending = [pool.submit(post_chat, ray_server.url, chat_body(qa.question, image), 60) for image, qa in asked]
+        time.sleep(0.05)
+        os.kill(pids[0], signal.SIGKILL)
+        statuses = [future.result(timeout=90)[0] for future in pending]  # never a hang
+    assert all(status == 200 or status >= 500 for status in statuses), statuses
+    image, qa = asked[0]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status, _, reply = post_chat(ray_server.url, chat_body(qa.question, image), timeout=30)
+        if status == 200:
+            break
+        time.sleep(1)
+    assert status == 200, ray_server.output()[-3000:]
+    assert reply["choices"][0]["message"]["content"].strip() == local_answer(local, image, qa.question)[0]
+    assert _replica_pids() and _replica_pids() != pids
+
+
+def test_bad_settings_exit_2_before_anything_is_deployed():
+    done = subprocess.run([sys.executable, "-m", "pio_fvlm.cli", "serve", "--engine", "ray", "--layer", "99"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "layer=99 is out of range" in done.stderr, done.stderr
+    assert "Started a local Ray instance" not in done.stderr
+
+
+def test_ray_flags_need_the_ray_engine():
+    done = subprocess.run([sys.executable, "-m", "pio_fvlm.cli", "serve", "--replicas", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--replicas need --engine ray" in done.stderr
