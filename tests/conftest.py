@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flash_attn_standin import flash_attention_2_standin, use_flash_attention_2
+from helpers import SERVING_BUDGET
 from pio_fvlm.testing import FAMILIES, tiny_llava, tiny_vlm
 
 torch.set_num_threads(2)
@@ -34,3 +35,15 @@ def any_model(request):
         return
     with flash_attention_2_standin():
         yield use_flash_attention_2(tiny_vlm(family, attn_implementation="sdpa", seed=3))
+
+
+@pytest.fixture(scope="module")
+def local():
+    """The demo model and processor in this process, wrapped as the servers in the serving tests."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from pio_fvlm import wrap
+    from pio_fvlm.shapes_vlm import ASSET_DIR
+
+    model = wrap(LlavaForConditionalGeneration.from_pretrained(ASSET_DIR).eval(), budget=SERVING_BUDGET)
+    return model, AutoProcessor.from_pretrained(ASSET_DIR)

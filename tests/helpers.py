@@ -118,3 +118,6 @@ def with_cache(model, cache) -> dict:
     from pio_fvlm.compat import forward_cache_keyword
 
     return {forward_cache_keyword(model): cache}
+
+
+SERVING_BUDGET = 48  # the budget of the servers the serving tests start

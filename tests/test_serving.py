@@ -16,14 +16,12 @@ pytest.importorskip("fastapi", reason="serving needs the serve extra: pip instal
 
 from PIL import Image  # noqa: E402
 
-from pio_fvlm import last_selection, wrap  # noqa: E402
+from helpers import SERVING_BUDGET as BUDGET  # noqa: E402
+from pio_fvlm import last_selection  # noqa: E402
 from pio_fvlm import synthetic as syn  # noqa: E402
 from pio_fvlm.serving.checks import check_chat_request  # noqa: E402
 from pio_fvlm.serving.client import ServerProcess, chat_body, image_data_url, post_chat  # noqa: E402
 from pio_fvlm.serving.core import BadRequest, BatchGenerator, ChatAnswer, chat_request_from_openai  # noqa: E402
-from pio_fvlm.shapes_vlm import ASSET_DIR  # noqa: E402
-
-BUDGET = 48
 
 
 def scenes(n: int, seed: int = 5) -> list[tuple[Image.Image, syn.QA]]:
@@ -40,15 +38,6 @@ def scenes(n: int, seed: int = 5) -> list[tuple[Image.Image, syn.QA]]:
 def server():
     with ServerProcess(["--budget", str(BUDGET)]) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def local():
-    """The demo model and processor in this process, wrapped as the server's."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = wrap(LlavaForConditionalGeneration.from_pretrained(ASSET_DIR).eval(), budget=BUDGET)
-    return model, AutoProcessor.from_pretrained(ASSET_DIR)
 
 
 def local_answer(local, image: Image.Image, question: str) -> tuple[str, int]:

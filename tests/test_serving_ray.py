@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="the ray engine needs the ray extra: pip install -e '.[ray]'")
 
 from pio_fvlm.serving.client import ServerProcess, chat_body, post_chat  # noqa: E402
-from test_serving import BUDGET, local, local_answer, scenes  # noqa: E402, F401 (local: a fixture)
+from test_serving import BUDGET, local_answer, scenes  # noqa: E402
 
 REPLICA = "ServeReplica:pio-fvlm:PrunedVLM"  # the replica actor's process title
 
