@@ -64,9 +64,14 @@ def test_chat_completion_equals_the_wrapped_models_generate(server, local):
 
 
 def test_openai_client_plain_and_streaming(server, local):
+    assert_openai_client_plain_and_streaming(server.url, local, seed=11)
+
+
+def assert_openai_client_plain_and_streaming(url: str, local, seed: int) -> None:
+    """The ``openai`` client's plain and streamed answers equal the wrapped model's own generate."""
     openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    image, qa = scenes(1, seed=11)[0]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    image, qa = scenes(1, seed=seed)[0]
     expected, _ = local_answer(local, image, qa.question)
     messages = chat_body(qa.question, image)["messages"]
     reply = client.chat.completions.create(model="pio-fvlm-demo", messages=messages)
@@ -78,13 +83,19 @@ def test_openai_client_plain_and_streaming(server, local):
 
 
 def test_eight_concurrent_requests_all_answered_correctly(server, local):
-    asked = scenes(8, seed=21)
+    assert_concurrent_requests_answered(server.url, local, 8, seed=21)
+
+
+def assert_concurrent_requests_answered(url: str, local, count: int, seed: int) -> list[dict[str, str]]:
+    """``count`` concurrent requests all answered as the wrapped model's own generate; their headers."""
+    asked = scenes(count, seed=seed)
     expected = [local_answer(local, image, qa.question)[0] for image, qa in asked]
-    with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda item: post_chat(server.url, chat_body(item[1].question, item[0])), asked))
-    assert [status for status, _, _ in replies] == [200] * 8
+    with ThreadPoolExecutor(count) as pool:
+        replies = list(pool.map(lambda item: post_chat(url, chat_body(item[1].question, item[0])), asked))
+    assert [status for status, _, _ in replies] == [200] * count
     assert [r["choices"][0]["message"]["content"].strip() for _, _, r in replies] == expected
     assert all(r["usage"]["visual_tokens"] == {"seen": 576, "kept": BUDGET} for _, _, r in replies)
+    return [headers for _, headers, _ in replies]
 
 
 BAD_REQUESTS = {

@@ -15,7 +15,13 @@ import pytest
 pytest.importorskip("ray.serve", reason="the ray engine needs the ray extra: pip install -e '.[ray]'")
 
 from pio_fvlm.serving.client import ServerProcess, chat_body, post_chat  # noqa: E402
-from test_serving import BUDGET, local_answer, scenes  # noqa: E402
+from test_serving import (  # noqa: E402
+    BUDGET,
+    assert_concurrent_requests_answered,
+    assert_openai_client_plain_and_streaming,
+    local_answer,
+    scenes,
+)
 
 REPLICA = "ServeReplica:pio-fvlm:PrunedVLM"  # the replica actor's process title
 
@@ -27,27 +33,12 @@ def ray_server():
 
 
 def test_sixteen_concurrent_requests_all_answered_correctly_in_batches(ray_server, local):
-    asked = scenes(16, seed=91)
-    expected = [local_answer(local, image, qa.question)[0] for image, qa in asked]
-    with ThreadPoolExecutor(16) as pool:
-        replies = list(pool.map(lambda item: post_chat(ray_server.url, chat_body(item[1].question, item[0])), asked))
-    assert [status for status, _, _ in replies] == [200] * 16
-    assert [r["choices"][0]["message"]["content"].strip() for _, _, r in replies] == expected
-    assert all(r["usage"]["visual_tokens"] == {"seen": 576, "kept": BUDGET} for _, _, r in replies)
-    assert max(int(headers["x-pio-fvlm-batch-size"]) for _, headers, _ in replies) > 1
+    headers = assert_concurrent_requests_answered(ray_server.url, local, 16, seed=91)
+    assert max(int(h["x-pio-fvlm-batch-size"]) for h in headers) > 1
 
 
 def test_openai_client_plain_and_streaming(ray_server, local):
-    openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"{ray_server.url}/v1", api_key="unused")
-    image, qa = scenes(1, seed=93)[0]
-    expected, _ = local_answer(local, image, qa.question)
-    messages = chat_body(qa.question, image)["messages"]
-    assert client.chat.completions.create(model="pio-fvlm-demo", messages=messages).choices[0].message.content \
-        .strip() == expected
-    chunks = list(client.chat.completions.create(model="pio-fvlm-demo", messages=messages, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == expected
-    assert chunks[-1].usage.model_extra["visual_tokens"] == {"seen": 576, "kept": BUDGET}
+    assert_openai_client_plain_and_streaming(ray_server.url, local, seed=93)
 
 
 def test_bad_requests_get_a_400_and_the_server_keeps_serving(ray_server, local):
