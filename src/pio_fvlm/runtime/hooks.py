@@ -42,7 +42,6 @@ logger = logging.getLogger("pio_fvlm")
 
 
 DynamicCache = dynamic_cache_class()
-_cache_of = layer_cache
 
 
 def _flash_backend(text_config: Any) -> bool:
@@ -249,7 +248,7 @@ class Runtime:
                     "pio_fvlm: the model was called with inputs_embeds and no input_ids, so the visual "
                     "tokens cannot be located and nothing is pruned; pass input_ids to prune.",
                 )
-        cache = _cache_of(kwargs)
+        cache = layer_cache(kwargs)
         if cache is not None and cache.get_seq_length() == 0:
             with self._lock:
                 self._records.pop(cache, None)  # a fresh prefill into a reused cache object
@@ -326,7 +325,7 @@ class Runtime:
     def _prepare_stage(
         self, call: CallState, s: int, i: int, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> StageInputs | None:
-        cache = _cache_of(kwargs)
+        cache = layer_cache(kwargs)
         if call.pruned:  # a later stage of a prefill that pruned already
             return self._prune_stage(call, s, i, _hidden_of(args, kwargs), kwargs, cache)
         with self._lock:

@@ -160,9 +160,6 @@ _FAST_ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 _QK_NORMS = {"q_norm", "k_norm"}  # per-head norms of queries and keys (Qwen3), applied before the rotary
 
 
-_rotary_fn = rotary_function
-
-
 @functools.cache
 def _takes_unsqueeze_dim(rotary: Callable[..., Any]) -> bool:
     # once per rotary function, not per prefill: signature inspection is slow
@@ -196,7 +193,7 @@ def rotated_queries_keys(attn: Any, xn: torch.Tensor, rows: torch.Tensor, cos: t
     Returns:
         q: (B, P, H, hd); k: (B, S, H_kv, hd).
     """
-    rotary = _rotary_fn(attn)
+    rotary = rotary_function(attn)
     if rotary is None:
         raise ValueError(f"{type(attn).__name__} has no apply_rotary_pos_emb in its module: its queries and keys "
                          f"cannot be recomputed here (the PIO-FVLM selector's full-layer probe takes any layer)")
@@ -222,7 +219,7 @@ def supports_fast_probe(layer: nn.Module) -> bool:
     if getattr(attn, "sliding_window", None) is not None:
         return False
     needed = ("head_dim", "scaling", "num_key_value_groups")
-    return all(hasattr(attn, a) for a in needed) and _rotary_fn(attn) is not None
+    return all(hasattr(attn, a) for a in needed) and rotary_function(attn) is not None
 
 
 def fast_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
@@ -236,7 +233,7 @@ def fast_saliency(mods: ProbeModules, inp: ProbeInputs) -> torch.Tensor:
     """
     layer: Any = mods.layer  # HF modules: attributes are dynamic
     attn: Any = layer.self_attn
-    assert _rotary_fn(attn) is not None and inp.position_embeddings is not None
+    assert rotary_function(attn) is not None and inp.position_embeddings is not None
     b, s, d = inp.hidden.shape
     k_count = inp.query_positions.shape[1]
     hd = attn.head_dim

@@ -147,17 +147,17 @@ def chat_request_from_openai(payload: dict[str, Any]) -> ChatRequest:
         messages.append({"role": message["role"], "content": parts})
     max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
     settings = GenerationSettings(
-        max_new_tokens=_optional(payload, max_tokens, "max_tokens", int, minimum=1),
-        temperature=_optional(payload, payload.get("temperature"), "temperature", float, minimum=0),
-        top_p=_optional(payload, payload.get("top_p"), "top_p", float, minimum=0),
-        seed=_optional(payload, payload.get("seed"), "seed", int, minimum=None),
+        max_new_tokens=_optional(max_tokens, "max_tokens", int, minimum=1),
+        temperature=_optional(payload.get("temperature"), "temperature", float, minimum=0),
+        top_p=_optional(payload.get("top_p"), "top_p", float, minimum=0),
+        seed=_optional(payload.get("seed"), "seed", int, minimum=None),
     )
     if payload.get("n", 1) != 1:
         raise BadRequest("only n=1 is served: send one request per answer")
     return ChatRequest(messages=messages, images=images, settings=settings)
 
 
-def _optional(payload: dict[str, Any], value: Any, name: str, kind: type, minimum: float | None) -> Any:
+def _optional(value: Any, name: str, kind: type, minimum: float | None) -> Any:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
