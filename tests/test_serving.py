@@ -36,7 +36,7 @@ def scenes(n: int, seed: int = 5) -> list[tuple[Image.Image, syn.QA]]:
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess(["--budget", str(BUDGET)]) as running:
+    with ServerProcess(["--engine", "local", "--budget", str(BUDGET)]) as running:
         yield running
 
 

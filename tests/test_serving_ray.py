@@ -87,6 +87,31 @@ def test_bad_settings_exit_2_before_anything_is_deployed():
 
 
 def test_ray_flags_need_the_ray_engine():
-    done = subprocess.run([sys.executable, "-m", "pio_fvlm.cli", "serve", "--replicas", "2"],
+    done = subprocess.run([sys.executable, "-m", "pio_fvlm.cli", "serve", "--engine", "local", "--replicas", "2"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--replicas need --engine ray" in done.stderr
+
+
+def parsed_engine(argv: list[str], capsys) -> tuple[str, str]:
+    """The engine ``pio-fvlm serve ARGV`` runs on, and what it said about it."""
+    import argparse
+
+    from pio_fvlm.serving import commands
+
+    p = argparse.ArgumentParser()
+    commands._add_model_options(p)
+    p.add_argument("--replicas", type=int)
+    args = p.parse_args(argv)
+    engine = commands._engine(args, p, {"--replicas": args.replicas}, "serve")
+    return engine, capsys.readouterr().err
+
+
+def test_ray_is_the_default_engine_when_installed_and_local_otherwise(capsys, monkeypatch):
+    assert parsed_engine([], capsys) == ("ray", "")
+    assert parsed_engine(["--engine", "local"], capsys) == ("local", "")
+    monkeypatch.setattr("pio_fvlm.serving.ray_engine.ray_available", lambda: False)
+    engine, said = parsed_engine([], capsys)
+    assert engine == "local" and "Ray is not installed" in said
+    with pytest.raises(SystemExit):
+        parsed_engine(["--replicas", "2"], capsys)
+    assert "--engine ray needs Ray" in capsys.readouterr().err

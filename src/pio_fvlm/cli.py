@@ -5,6 +5,7 @@
     pio-fvlm bench [options]           # speed benchmark (see pio-fvlm bench --help)
     pio-fvlm lmms-task --out DIR       # an offline lmms-eval task (--include_path DIR --tasks pio_shapes)
     pio-fvlm serve [MODEL] --budget 64 # OpenAI-compatible server with dynamic batching, pruned
+    pio-fvlm batch IN.jsonl OUT.jsonl --model ID_OR_PATH --budget 64   # offline batch inference
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ COMMANDS = {
     "bench": "speed benchmark: full vs pio vs ideal vs the authors' style",
     "lmms-task": "write the offline lmms-eval task pio_shapes (for --include_path)",
     "serve": "an OpenAI-compatible server whose model prunes (requests batched)",
+    "batch": "answer every row (image + prompt) of a JSONL or Parquet file, resumably",
 }
 
 
@@ -190,106 +192,6 @@ def lmms_task(argv: list[str]) -> int:
     return 0
 
 
-def _budget(text: str) -> int | float:
-    """"64" -> 64 tokens, "0.25" or "1.0" -> a fraction (as wrap's int / float budgets)."""
-    return int(text) if text.lstrip("+-").isdigit() else float(text)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}")
-    return int(text)
-
-
-def _threshold(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
-
-
-def serve(argv: list[str]) -> int:
-    """Serve a model pruned by PIO-FVLM behind an OpenAI-compatible server that batches concurrent requests."""
-    from .serving import DEMO_NAME
-    from .serving import serve as run_server
-    from .serving.server import serving_available
-
-    p = argparse.ArgumentParser(prog="pio-fvlm serve", description=serve.__doc__)
-    p.add_argument("model", nargs="?", default=DEMO_NAME,
-                   help=f"HF id or local folder of a supported VLM (default: {DEMO_NAME}, the shipped demo model)")
-    unset = argparse.SUPPRESS  # wrap's own defaults apply to what is not given
-    p.add_argument("--budget", type=_budget, default=unset, help="visual tokens kept per prompt, or a fraction < 1")
-    p.add_argument("--layer", type=int, default=unset, help="decoder layer from which on tokens are pruned (default 1)")
-    p.add_argument("--preset", default=unset,
-                   help="a named schedule instead of --budget/--layer (paper-64, paper-128, ...)")
-    p.add_argument("--nms-threshold", type=_threshold, default=unset,
-                   help="cosine threshold of the NMS (default 0.8; none: off)")
-    p.add_argument("--proxy-tokens", type=int, default=unset, help="prompt positions of the proxy loss (default 4)")
-    p.add_argument("--positions", choices=["keep", "compact"], default=unset,
-                   help="position ids of kept tokens (default keep)")
-    p.add_argument("--encoder", choices=["visionzip"], default=unset,
-                   help="reduce visual tokens in the vision encoder first")
-    p.add_argument("--encoder-budget", type=int, default=unset, help="tokens the encoder-side reduction keeps")
-    p.add_argument("--capture", action="store_true", help="run the probe as one captured graph (GPU, batch 1)")
-    p.add_argument("--no-pruning", action="store_true", help="serve the model unpruned (for comparisons)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--device", default="auto", help="device map of the model (auto, cpu, cuda:0, ...)")
-    p.add_argument("--dtype", default="auto", help="weights' dtype (auto: the checkpoint's; float16, bfloat16, ...)")
-    p.add_argument("--attn-implementation", help="attention implementation (eager, sdpa, flash_attention_2)")
-    p.add_argument("--max-batch-size", type=_positive_int, default=8,
-                   help="most requests answered by one batched generate (default 8; 1: one at a time)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0,
-                   help="how long the first request of a batch waits for others (default 10 ms)")
-    p.add_argument("--log-level", default="warning", help="the server's log level (default warning)")
-    p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local: one process, one model (default); ray: Ray Serve replicas, here or on a cluster")
-    p.add_argument("--replicas", type=_positive_int, default=None, help="Ray Serve replicas of the model (default 1)")
-    p.add_argument("--num-gpus-per-replica", type=float, default=None,
-                   help="GPUs Ray gives each replica (default 1 when CUDA is available, else 0)")
-    p.add_argument("--address", default=None,
-                   help="the Ray cluster to join (auto: the one running on this machine); default: start a local one")
-    args = p.parse_args(argv)
-    if args.batch_wait_ms < 0:
-        p.error(f"--batch-wait-ms must be >= 0; got {args.batch_wait_ms}")
-    ray_only = [flag for flag, value in (("--replicas", args.replicas), ("--num-gpus-per-replica",
-                args.num_gpus_per_replica), ("--address", args.address)) if value is not None]
-    if ray_only and args.engine != "ray":
-        p.error(f"{', '.join(ray_only)} need --engine ray")
-    if args.num_gpus_per_replica is not None and args.num_gpus_per_replica < 0:
-        p.error(f"--num-gpus-per-replica must be >= 0; got {args.num_gpus_per_replica}")
-    if not serving_available():
-        print("pio-fvlm serve needs FastAPI, Uvicorn and openai: pip install 'pio-fvlm[serve]'", file=sys.stderr)
-        return 1
-    names = ("budget", "layer", "preset", "nms_threshold", "proxy_tokens", "positions", "encoder", "encoder_budget")
-    settings: dict[str, Any] | None = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    if args.capture:
-        settings["capture"] = True  # type: ignore[index]
-    if args.no_pruning:
-        if settings:
-            p.error(f"--no-pruning serves the model unpruned: leave out {', '.join(sorted(settings))}")
-        settings = None
-    common = dict(host=args.host, port=args.port, device=args.device, dtype=args.dtype,
-                  attn_implementation=args.attn_implementation, max_batch_size=args.max_batch_size,
-                  batch_wait_ms=args.batch_wait_ms)
-    try:
-        if args.engine == "ray":
-            from .serving.ray_engine import ray_available, serve_on_ray
-
-            if not ray_available():
-                print("pio-fvlm serve --engine ray needs Ray Serve: pip install 'pio-fvlm[ray]'", file=sys.stderr)
-                return 1
-            if args.num_gpus_per_replica is None:
-                import torch
-
-                args.num_gpus_per_replica = 1.0 if torch.cuda.is_available() else 0.0
-            serve_on_ray(args.model, settings, replicas=args.replicas or 1,
-                         num_gpus_per_replica=args.num_gpus_per_replica, address=args.address, **common)
-        else:
-            run_server(args.model, settings, log_level=args.log_level, **common)
-    except (TypeError, ValueError) as error:
-        print(f"pio-fvlm serve: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -303,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
 
         bench_main(rest)
         return 0
-    return {"demo": demo, "run": run, "lmms-task": lmms_task, "serve": serve}[command](rest)
+    if command in ("serve", "batch"):
+        from .serving import commands
+
+        return commands.serve(rest) if command == "serve" else commands.batch(rest)
+    return {"demo": demo, "run": run, "lmms-task": lmms_task}[command](rest)
 
 
 if __name__ == "__main__":
