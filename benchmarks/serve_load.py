@@ -1,7 +1,12 @@
 """Load on a served model: unpruned one request at a time, unpruned batched, pruned batched.
 
     python benchmarks/serve_load.py                                  # the demo model on this machine
+    python benchmarks/serve_load.py --model llava-1.5-miniature --clients 1,4,16,64 --requests 2
     python benchmarks/serve_load.py --model llava-hf/llava-1.5-7b-hf --device cuda:0 --dtype float16
+    python benchmarks/serve_load.py --engine ray                     # the same servers on Ray Serve
+
+``llava-1.5-miniature`` is the 32-layer LLaVA-1.5 miniature with random weights (576 visual
+tokens, answers of exactly ``--max-tokens`` tokens; see ``miniature_checkpoint.py``).
 
 Starts ``pio-fvlm serve`` three times on 127.0.0.1 (``--no-pruning --max-batch-size 1``,
 ``--no-pruning``, and pruned with ``--budget``; the last two batch concurrent requests, at most
@@ -27,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from miniature_checkpoint import MINIATURE, save_miniature_llava
 from PIL import Image
 
 from pio_fvlm import synthetic as syn
@@ -114,11 +120,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch-size", default="8", help="pio-fvlm serve --max-batch-size of the batched servers")
     p.add_argument("--device", default="auto", help="pio-fvlm serve --device")
     p.add_argument("--dtype", default="auto", help="pio-fvlm serve --dtype")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serve-load-<model>.json)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="pio-fvlm serve --engine")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/serve-load-<model>[-ray].json)")
     args = p.parse_args(argv)
     counts = [int(n) for n in args.clients.split(",")]
     bodies = request_bodies(args.model, 32, args.max_tokens)
-    common = [args.model, "--device", args.device, "--dtype", args.dtype]
+    served = args.model
+    if args.model == MINIATURE:
+        import tempfile
+
+        served = str(save_miniature_llava(Path(tempfile.gettempdir()) / "pio-fvlm-llava-1.5-miniature"))
+        for body in bodies:
+            body["model"] = served  # a server answers to the name it was started with
+    common = [served, "--engine", args.engine, "--device", args.device, "--dtype", args.dtype]
     rows = []
     arguments = {"unpruned sequential": ["--no-pruning", "--max-batch-size", "1"],
                  "unpruned batched": ["--no-pruning", "--max-batch-size", args.max_batch_size],
@@ -134,15 +149,16 @@ def main(argv: list[str] | None = None) -> None:
                       f"visual tokens {row['visual_tokens']}, batch sizes {row['batch_sizes']}", flush=True)
     print()
     print(table(rows))
-    out = Path(args.out) if args.out else RESULTS / f"serve-load-{args.model.replace('/', '_')}.json"
+    suffix = "-ray" if args.engine == "ray" else ""
+    out = Path(args.out) if args.out else RESULTS / f"serve-load-{args.model.replace('/', '_')}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     import os
 
     import torch
 
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU"
-    settings = {"model": args.model, "budget": args.budget, "max_batch_size": args.max_batch_size,
-                "requests_per_client": args.requests,
+    settings = {"model": args.model, "engine": args.engine, "budget": args.budget,
+                "max_batch_size": args.max_batch_size, "requests_per_client": args.requests,
                 "max_tokens": args.max_tokens, "device": args.device, "dtype": args.dtype, "machine": machine,
                 "threads": torch.get_num_threads()}
     out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")

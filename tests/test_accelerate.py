@@ -7,7 +7,7 @@ import torch
 
 import pio_fvlm
 from helpers import standard_batch
-from pio_fvlm.testing import tiny_vlm
+from pio_fvlm.testing import FAMILIES, tiny_vlm
 
 GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
 
@@ -23,7 +23,7 @@ def offload_map(model) -> dict[str, str]:
     return device_map
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_onevision", "internvl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_device_map_with_disk_offload(tmp_path, family):
     model = tiny_vlm(family, seed=41)
     model.save_pretrained(tmp_path / "m")

@@ -17,8 +17,13 @@ def _with_host_positions(inp: ProbeInputs) -> ProbeInputs:
                        query_positions_host=inp.query_positions.numpy(), all_valid=bool(inp.valid.all()))
 
 
+# Every family whose layers have the closed form: a mixture of experts routes each token on its
+# own and gets the fast probe instead (test_moe_layers_get_the_fast_probe_equal_to_the_full_layer).
+CLOSED_FORM_FAMILIES = [f for f in FAMILIES if f != "qwen3_vl_moe"]
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CLOSED_FORM_FAMILIES)
 def test_closed_form_equals_autograd_probes(family, attn):
     """GQA (2 key/value heads of 4), Qwen's q/k/v biases, M-RoPE, left padding."""
     model = tiny_vlm(family, attn_implementation=attn, seed=4)

@@ -24,7 +24,7 @@ def _image(size, seed):
     return Image.fromarray(pixels)
 
 
-@pytest.fixture(scope="module", params=[f for f in INVARIANT_FAMILIES if f != "qwen3_vl_moe"])
+@pytest.fixture(scope="module", params=INVARIANT_FAMILIES)
 def generator(request, tmp_path_factory):
     folder = tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
     model = wrap(AutoModelForImageTextToText.from_pretrained(folder).eval(), budget=BUDGET)

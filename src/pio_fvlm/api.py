@@ -127,20 +127,22 @@ def wrap(
         method_patches.extend(installed.method_patches)
     if is_wrapped(model):
         unwrap(model)
-    runtime = Runtime(parts, config, stages, selectors)
-    runtime._extra_hooks = extra_hooks
-    attach(model, runtime, method_patches)
+    attach(model, runtime_for(model, parts, config, stages, selectors, extra_hooks, method_patches))
     return model
 
 
-def attach(model: nn.Module, runtime: Runtime, method_patches: Sequence[tuple[nn.Module, str, Any]] = ()) -> None:
-    """Install ``runtime`` on ``model`` with ``method_patches`` and the model family's own (methods of
-    the model that must follow the pruning, e.g. Qwen3-VL's DeepStack); ``unwrap`` removes it all."""
-    adapter = adapter_for(model)
-    patches = list(method_patches)
-    if adapter.method_patches is not None:
-        patches.extend(adapter.method_patches(model, runtime))
-    runtime._method_patches = patches
+def runtime_for(model: nn.Module, parts: Any, config: PruneConfig, stages: list[tuple[int, Any]],
+                selectors: list[Selector], extra_hooks: Sequence[tuple[nn.Module, Any]] = (),
+                method_patches: Sequence[tuple[nn.Module, str, Any]] = ()) -> Runtime:
+    """The runtime of ``model``'s pruning, built in one step: the given hooks and stand-ins plus the
+    model family's own (methods of the model that must follow the pruning, e.g. Qwen3-VL's DeepStack)."""
+    family = adapter_for(model).method_patches
+    return Runtime(parts, config, stages, selectors, extra_hooks=extra_hooks, method_patches=method_patches,
+                   family_patches=None if family is None else (lambda runtime: family(model, runtime)))
+
+
+def attach(model: nn.Module, runtime: Runtime) -> None:
+    """Install ``runtime`` on ``model``; ``unwrap`` removes it all."""
     runtime.install()
     object.__setattr__(model, _RUNTIME_ATTR, runtime)
 

@@ -34,9 +34,14 @@ from transformers import (
 )
 
 from .compat import anyres_patch_count, video_processor_internals
+from .models import REGISTRY
+from .viz import LAYOUTS
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")
-VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # families whose prompts may hold videos
+# Every registered family (config.model_type), and those whose prompts may hold videos: both
+# follow the registry, so a newly registered family runs every test that loops over them (and
+# fails where its tiny model or checkpoint is missing).
+FAMILIES = tuple(REGISTRY)
+VIDEO_FAMILIES = tuple(f for f in FAMILIES if f in LAYOUTS and LAYOUTS[f].videos is not None)
 TIMESTAMP_ID = 6  # Qwen3-VL: a text token before each video frame (the processor writes "<t seconds>")
 IMAGE_TOKEN_ID = 3
 VIDEO_TOKEN_ID = 4
@@ -246,7 +251,7 @@ def tiny_vlm(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> nn.Module:
-    """A random model of ``family`` (one of :data:`FAMILIES`, or ``"qwen3_vl_moe"``) with the real HF class."""
+    """A random model of ``family`` (one of :data:`FAMILIES`) with the real HF class."""
     if family == "llava":
         return tiny_llava(num_layers=num_layers, attn_implementation=attn_implementation, dtype=dtype, seed=seed)
     torch.manual_seed(seed)
@@ -550,6 +555,7 @@ CHECKPOINT_SPECIAL_TOKENS = {
     "qwen2_vl": ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
     "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
     "qwen3_vl": ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
+    "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
     "internvl": ("<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
 }
 # The text the chat template writes for one image part (the processor expands it).
@@ -557,6 +563,7 @@ CHECKPOINT_IMAGE_MARKUP = {
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
     "internvl": "<IMG_CONTEXT>",
 }
 CHAT_USER, CHAT_ASSISTANT = "USER:", "ASSISTANT:"  # the chat template's turn markers (words of the vocabulary)
@@ -672,13 +679,13 @@ def _checkpoint_processor(family: str, model: nn.Module) -> Any:
     # Qwen-VL: resized to multiples of patch * merge with 4 x 4 to 8 x 8 patches (4 to 16 tokens);
     # "shortest_edge" / "longest_edge" are the least and most pixels
     unit = vision.patch_size
-    mean_std = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family == "qwen3_vl" else {}
+    mean_std = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family.startswith("qwen3_vl") else {}
     images = tf.Qwen2VLImageProcessorPil(patch_size=unit, merge_size=vision.spatial_merge_size,
                                          temporal_patch_size=vision.temporal_patch_size,
                                          size={"shortest_edge": (4 * unit) ** 2, "longest_edge": (8 * unit) ** 2},
                                          **mean_std)
     cls = {"qwen2_vl": tf.Qwen2VLProcessor, "qwen2_5_vl": tf.Qwen2_5_VLProcessor,
-           "qwen3_vl": tf.Qwen3VLProcessor}[family]
+           "qwen3_vl": tf.Qwen3VLProcessor, "qwen3_vl_moe": tf.Qwen3VLProcessor}[family]
     return cls(images, tokenizer, _no_video_processor(), chat_template=template)
 
 

@@ -28,6 +28,7 @@ image and view (and per video frame), side by side.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,7 +176,7 @@ def _items_before(input_ids: torch.Tensor, sample: int, token_id: int, per_item:
     raise ValueError("the grids in inputs do not match the visual tokens in input_ids")
 
 
-# Each family's layout, as its adapter names it: (config, inputs, images, sample) -> views.
+# Each family's layout: (config, inputs, images, sample) -> views (LAYOUTS maps model types to them).
 def llava_views(config: Any, inputs: dict[str, Any], images: list[Any], sample: int) -> list[TokenView]:
     return _llava_views(config, _sizes(images))
 
@@ -245,6 +246,31 @@ def onevision_video_views(config: Any, inputs: dict[str, Any], videos: list[Any]
     return views
 
 
+ViewsOf = Callable[[Any, dict[str, Any], list[Any], int], list[TokenView]]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family's visual tokens come from: ``images`` maps (config, inputs, images, sample)
+    to the views of that sample's images; ``videos`` the same for videos (None: the family takes none)."""
+
+    images: ViewsOf
+    videos: ViewsOf | None = None
+
+
+_QWEN = Layout(qwen_views, qwen_video_views)
+LAYOUTS: dict[str, Layout] = {
+    "llava": Layout(llava_views),
+    "llava_next": Layout(llava_next_views),
+    "llava_onevision": Layout(onevision_views, onevision_video_views),
+    "qwen2_vl": _QWEN,
+    "qwen2_5_vl": _QWEN,
+    "qwen3_vl": _QWEN,
+    "qwen3_vl_moe": _QWEN,
+    "internvl": Layout(internvl_views),
+}
+
+
 def _check_counts(inputs: dict[str, Any], sample: int, token_id: int, views: list[TokenView], n_items: int,
                   kind: str) -> None:
     n_tokens = int((inputs["input_ids"][sample] == token_id).sum())
@@ -257,7 +283,7 @@ def _check_counts(inputs: dict[str, Any], sample: int, token_id: int, views: lis
 def token_views(model: Any, inputs: dict[str, Any], images: list[Any], sample: int = 0,
                 videos: list[Any] | None = None) -> list[TokenView]:
     """Where each visual token of ``sample`` comes from (its images, then its videos, each in
-    order), by the layout its family's adapter names.
+    order), by its family's layout in :data:`LAYOUTS`.
 
     Args:
         images: the sample's images (PIL or (H, W, 3) arrays).
@@ -266,16 +292,17 @@ def token_views(model: Any, inputs: dict[str, Any], images: list[Any], sample: i
     """
     from .models import adapter_for
 
-    adapter = adapter_for(model)
-    if adapter.token_views is None:
+    adapter = adapter_for(model)  # a clear error for a model that is not supported at all
+    layout = LAYOUTS.get(model.config.model_type)
+    if layout is None:
         raise ValueError(f"pio_fvlm.viz has no token layout for {adapter.name}")
     config = model.config
-    views = adapter.token_views(config, inputs, images, sample)
+    views = layout.images(config, inputs, images, sample)
     _check_counts(inputs, sample, config.image_token_id, views, len(images), "image")
     if videos:
-        if adapter.video_views is None:
+        if layout.videos is None:
             raise ValueError(f"pio_fvlm.viz has no video token layout for {adapter.name}")
-        video_views = adapter.video_views(config, inputs, list(videos), sample)
+        video_views = layout.videos(config, inputs, list(videos), sample)
         _check_counts(inputs, sample, config.video_token_id, video_views, len(videos), "video")
         views += video_views
     return views

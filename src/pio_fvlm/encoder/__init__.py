@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,16 +40,16 @@ class EncoderInstall:
 
 
 def install_encoder(model: nn.Module, encoder_budget: int) -> EncoderInstall:
-    """The encoder mode its family's adapter names (LLaVA-1.5 / LLaVA-NeXT: VisionZip-style on [CLS]
-    attention; Qwen2-VL / Qwen2.5-VL: window-local + global on the tower's attention), or a clear
-    error saying why the family has none."""
-    from ..models import adapter_for
-
-    adapter = adapter_for(model)
-    if isinstance(adapter.encoder, str):
-        raise ValueError(f"encoder='visionzip' is not available for {type(model).__name__}: {adapter.encoder}. "
+    """The encoder mode of its family in :data:`ENCODER_MODES` (LLaVA-1.5 / LLaVA-NeXT: VisionZip-style
+    on [CLS] attention; Qwen2-VL / Qwen2.5-VL: window-local + global on the tower's attention), or a
+    clear error saying why the family has none (:data:`NO_ENCODER_MODE`)."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", None))
+    install = ENCODER_MODES.get(model_type)
+    if install is None:
+        why = NO_ENCODER_MODE.get(model_type, "it has no encoder-side score here")
+        raise ValueError(f"encoder='visionzip' is not available for {type(model).__name__}: {why}. "
                          f"Use encoder=None (PIO-FVLM inside the language model works as for any family).")
-    return adapter.encoder(model, encoder_budget)
+    return install(model, encoder_budget)
 
 
 def install_llava_visionzip(model: nn.Module, encoder_budget: int) -> EncoderInstall:
@@ -139,3 +140,23 @@ class PerImageBudget:
 
 __all__ = ["ENCODERS", "ClsAttentionCapture", "QwenWindowSelector", "VisionZipSelector", "check_encoder_settings",
            "install_encoder"]
+
+
+# The encoder mode of each family (by config.model_type), and why the others have none.
+ENCODER_MODES: dict[str, Callable[[nn.Module, int], EncoderInstall]] = {
+    "llava": install_llava_visionzip,
+    "llava_next": install_next_tiles,
+    "qwen2_vl": install_qwen_windows,
+    "qwen2_5_vl": install_qwen_windows,
+}
+_QWEN3_VL = ("the window scores are written for the Qwen2-VL / Qwen2.5-VL towers, and Qwen3-VL's DeepStack "
+             "features (added after decoder layers 0-2) would have to be reduced the same way; not covered yet")
+NO_ENCODER_MODE: dict[str, str] = {
+    "llava_onevision": "its SigLIP tower has no [CLS] token, and the [CLS] attention is what VisionZip ranks "
+                       "patches by",
+    "qwen3_vl": _QWEN3_VL,
+    "qwen3_vl_moe": _QWEN3_VL,
+    "internvl": "each token the language model sees merges 2 x 2 tower patches (pixel shuffle) and every image "
+                "repeats as a thumbnail tile, so the tower's per-patch [CLS] attention does not rank those "
+                "tokens by itself",
+}

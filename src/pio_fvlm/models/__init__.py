@@ -1,6 +1,7 @@
 """Adapter registry: ``config.model_type`` -> where the pieces of that architecture live.
 
-Adding a model = one adapter file + one line in ``_ADAPTERS``.
+Adding a model: see docs/adding-a-model.md (an adapter here, a line in ``_ADAPTERS``, and the
+family's lines in the encoder and picture maps).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""What an architecture adapter tells the runtime: where the pieces of the model are."""
+"""What an architecture adapter tells the runtime: where the pieces of the model are.
+
+This package imports nothing of ``pio_fvlm`` but :mod:`pio_fvlm.compat`: the rest of the
+library reads it, never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -69,12 +73,10 @@ class Adapter:
         method_patches: ``(model, runtime) -> [(module, method name, stand-in), ...]``: methods of
             the model that must follow the pruning (installed on the instance by ``wrap``,
             removed by ``unwrap``), or None.
-        encoder: ``(model, encoder_budget) -> EncoderInstall`` for ``encoder="visionzip"``
-            (:mod:`pio_fvlm.encoder`), or the reason the family has no encoder mode.
-        token_views: ``(config, inputs, images, sample) -> [TokenView, ...]``: the image region of
-            each visual token, for :mod:`pio_fvlm.viz`; None when there is no layout.
-        video_views: ``(config, inputs, videos, sample) -> [TokenView, ...]``: the same for video
-            tokens (each video a sequence of frames); None for a family without videos.
+
+    What else a family has lives with the code that uses it, in maps by model type: its encoder
+    mode in :data:`pio_fvlm.encoder.ENCODER_MODES` (or the reason it has none), its picture layout
+    in :data:`pio_fvlm.viz.LAYOUTS`.
     """
 
     name: str
@@ -82,6 +84,3 @@ class Adapter:
     find_parts: Callable[[nn.Module], ModelParts]
     position_modes: tuple[str, ...] = ("keep", "compact")
     method_patches: Callable[[nn.Module, Any], list[tuple[nn.Module, str, Any]]] | None = None
-    encoder: Callable[[nn.Module, int], Any] | str = "it has no encoder-side score here"
-    token_views: Callable[[Any, dict[str, Any], list[Any], int], list[Any]] | None = None
-    video_views: Callable[[Any, dict[str, Any], list[Any], int], list[Any]] | None = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from ..viz import internvl_views
 from .base import Adapter, language_model_parts
 
 
@@ -23,8 +22,4 @@ INTERNVL = Adapter(
     name="InternVL (InternVLForConditionalGeneration)",
     model_types=("internvl",),
     find_parts=partial(language_model_parts, visual_ids=_image_ids),
-    encoder="each token the language model sees merges 2 x 2 tower patches (pixel shuffle) and every image "
-            "repeats as a thumbnail tile, so the tower's per-patch [CLS] attention does not rank those "
-            "tokens by itself",
-    token_views=internvl_views,
 )

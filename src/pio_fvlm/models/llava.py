@@ -6,8 +6,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from ..encoder import install_llava_visionzip, install_next_tiles
-from ..viz import llava_next_views, llava_views, onevision_video_views, onevision_views
 from .base import Adapter, language_model_parts
 
 
@@ -25,8 +23,6 @@ LLAVA = Adapter(
     name="LLaVA-1.5 (LlavaForConditionalGeneration)",
     model_types=("llava",),
     find_parts=find_llava_parts,
-    encoder=install_llava_visionzip,
-    token_views=llava_views,
 )
 
 # Anyres: base view + crops + newline tokens all carry image_token_id, so one image's tokens
@@ -38,8 +34,6 @@ LLAVA_NEXT = Adapter(
     name="LLaVA-NeXT (LlavaNextForConditionalGeneration)",
     model_types=("llava_next",),
     find_parts=find_llava_parts,
-    encoder=install_next_tiles,
-    token_views=llava_next_views,
 )
 
 # Images through anyres (up to 9 crops + base view, unpadded, a newline per row), videos as pooled
@@ -49,7 +43,4 @@ LLAVA_ONEVISION = Adapter(
     name="LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)",
     model_types=("llava_onevision",),
     find_parts=partial(language_model_parts, visual_ids=_image_and_video_ids),
-    encoder="its SigLIP tower has no [CLS] token, and the [CLS] attention is what VisionZip ranks patches by",
-    token_views=onevision_views,
-    video_views=onevision_video_views,
 )

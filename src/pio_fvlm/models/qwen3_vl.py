@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from ..compat import DEEPSTACK_METHOD
-from ..viz import qwen_video_views, qwen_views
 from .base import Adapter, language_model_parts
 
 
@@ -76,8 +75,4 @@ QWEN3_VL = Adapter(
     find_parts=find_qwen3_vl_parts,
     position_modes=("keep",),
     method_patches=deepstack_patches,
-    encoder="the window scores are written for the Qwen2-VL / Qwen2.5-VL towers, and Qwen3-VL's DeepStack features "
-            "(added after decoder layers 0-2) would have to be reduced the same way; not covered yet",
-    token_views=qwen_views,
-    video_views=qwen_video_views,
 )

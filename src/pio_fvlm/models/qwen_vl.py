@@ -11,8 +11,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from ..encoder import install_qwen_windows
-from ..viz import qwen_video_views, qwen_views
 from .base import Adapter, language_model_parts
 
 
@@ -27,16 +25,10 @@ QWEN2_VL = Adapter(
     model_types=("qwen2_vl",),
     find_parts=find_qwen_vl_parts,
     position_modes=("keep",),
-    encoder=install_qwen_windows,
-    token_views=qwen_views,
-    video_views=qwen_video_views,
 )
 QWEN2_5_VL = Adapter(
     name="Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
     model_types=("qwen2_5_vl",),
     find_parts=find_qwen_vl_parts,
     position_modes=("keep",),
-    encoder=install_qwen_windows,
-    token_views=qwen_views,
-    video_views=qwen_video_views,
 )

@@ -21,6 +21,7 @@ import copy
 import logging
 import threading
 import weakref
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -64,7 +65,15 @@ class Runtime:
         parts: where the model's pieces are (from the adapter).
         config: validated settings.
         stages: ``[(prune layer, budget), ...]`` with increasing layers.
-        selector: chooses the kept visual tokens at each stage.
+        selector: chooses the kept visual tokens at each stage (one, or one per stage).
+        extra_hooks: forward pre-hooks of other parts of the model, ``(module, hook)`` (an encoder
+            mode's captures of the vision tower).
+        method_patches: instance-level stand-ins ``(module, method name, stand-in)`` for methods
+            that must follow the pruning.
+        family_patches: ``runtime -> method patches`` for stand-ins that need this runtime (the
+            adapter's, e.g. Qwen3-VL's DeepStack, which asks which positions were kept).
+    Everything it installs is given here; :meth:`install` and :meth:`remove` are the only code
+    that puts it on the model and takes it off.
     """
 
     def __init__(
@@ -73,6 +82,10 @@ class Runtime:
         config: PruneConfig,
         stages: list[tuple[int, Budget]],
         selector: Selector | list[Selector],
+        *,
+        extra_hooks: Sequence[tuple[torch.nn.Module, Any]] = (),
+        method_patches: Sequence[tuple[torch.nn.Module, str, Any]] = (),
+        family_patches: Callable[[Runtime], list[tuple[torch.nn.Module, str, Any]]] | None = None,
     ) -> None:
         self.parts = parts
         self.config = config
@@ -88,10 +101,11 @@ class Runtime:
         # parameters until its own forward runs) gets the generic probe, which calls the layer.
         self.probes = [self._probe_kind(parts.layers[start]) for start, _ in stages]
         self._handles: list[RemovableHandle] = []
-        self._extra_hooks: list[tuple[torch.nn.Module, Any]] = []  # pre-hooks of other parts (encoder)
-        # instance-level stand-ins for methods that are not module calls (encoder: see next_tiles)
-        self._method_patches: list[tuple[torch.nn.Module, str, Any]] = []
+        self._extra_hooks = list(extra_hooks)
+        self._method_patches = list(method_patches)
         self._fresh_state()
+        if family_patches is not None:
+            self._method_patches += family_patches(self)
 
     def _fresh_state(self) -> None:
         """Per-process state: never copied by deepcopy or pickle (locks and context variables
