@@ -92,6 +92,25 @@ def test_ray_flags_need_the_ray_engine():
     assert done.returncode == 2 and "--replicas need --engine ray" in done.stderr
 
 
+def test_replica_resources_reach_ray_serve():
+    from pio_fvlm.serving.ray_engine import deployment
+
+    app = deployment("pio-fvlm-demo", {}, device="cpu", dtype="auto", attn_implementation=None, max_batch_size=4,
+                     batch_wait_ms=5, replicas=3, num_gpus_per_replica=0.5, num_cpus_per_replica=2)
+    options = app._bound_deployment  # Ray's own record of the deployment's settings
+    assert options.num_replicas == 3
+    assert options.ray_actor_options["num_cpus"] == 2 and options.ray_actor_options["num_gpus"] == 0.5
+
+
+@pytest.mark.parametrize("args, message", [(["--engine", "local", "--num-cpus-per-replica", "2"],
+                                            "--num-cpus-per-replica need --engine ray"),
+                                           (["--num-cpus-per-replica", "-1"], "must be >= 0")])
+def test_replica_cpus_are_checked(args, message):
+    done = subprocess.run([sys.executable, "-m", "pio_fvlm.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
 def parsed_engine(argv: list[str], capsys) -> tuple[str, str]:
     """The engine ``pio-fvlm serve ARGV`` runs on, and what it said about it."""
     import argparse

@@ -148,6 +148,7 @@ class BatchJob:
     dtype: str = "auto"
     attn_implementation: str | None = None
     num_gpus_per_replica: float = 0.0
+    num_cpus_per_replica: float = 1.0  # Ray also sets the replica's torch threads to this
     address: str | None = None
 
     def check(self) -> None:
@@ -245,7 +246,8 @@ def _ray_batches(rows: list[dict[str, Any]], job: BatchJob, root: Path) -> Itera
         answers = dataset.map_batches(BatchPredictor, fn_constructor_kwargs=job.predictor_arguments(root),
                                       batch_size=job.batch_size,
                                       compute=ray.data.ActorPoolStrategy(size=job.concurrency),
-                                      num_gpus=job.num_gpus_per_replica, batch_format="numpy")
+                                      num_gpus=job.num_gpus_per_replica, num_cpus=job.num_cpus_per_replica,
+                                      batch_format="numpy")
         for table in answers.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield table.to_pylist()  # type: ignore[union-attr]  # Arrow keeps a missing count None, numpy NaN
     finally:

@@ -54,6 +54,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "local: this process")
     p.add_argument("--num-gpus-per-replica", type=float, default=None,
                    help="GPUs Ray gives each replica (default 1 when CUDA is available, else 0)")
+    p.add_argument("--num-cpus-per-replica", type=float, default=None,
+                   help="CPUs Ray gives each replica, and torch's threads there (default 1)")
     p.add_argument("--address", default=None,
                    help="the Ray cluster to join (auto: the one running on this machine); default: start a local one")
 
@@ -74,8 +76,11 @@ def _engine(args: argparse.Namespace, p: argparse.ArgumentParser, ray_flags: dic
     """The engine to run on; Ray-only flags without it are refused (exit 2)."""
     from .ray_engine import ray_available
 
-    if args.num_gpus_per_replica is not None and args.num_gpus_per_replica < 0:
-        p.error(f"--num-gpus-per-replica must be >= 0; got {args.num_gpus_per_replica}")
+    for flag in ("num_gpus_per_replica", "num_cpus_per_replica"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0; got {getattr(args, flag)}")
+    ray_flags = {**ray_flags, "--num-gpus-per-replica": args.num_gpus_per_replica,
+                 "--num-cpus-per-replica": args.num_cpus_per_replica, "--address": args.address}
     given = [flag for flag, value in ray_flags.items() if value is not None]
     engine: str = args.engine or ("ray" if ray_available() or given else "local")
     if given and engine != "ray":
@@ -112,8 +117,7 @@ def serve(argv: list[str]) -> int:
     if args.batch_wait_ms < 0:
         p.error(f"--batch-wait-ms must be >= 0; got {args.batch_wait_ms}")
     settings = _wrap_settings(args, p)
-    engine = _engine(args, p, {"--replicas": args.replicas, "--num-gpus-per-replica": args.num_gpus_per_replica,
-                               "--address": args.address}, "serve")
+    engine = _engine(args, p, {"--replicas": args.replicas}, "serve")
     if not serving_available():
         print("pio-fvlm serve needs FastAPI, Uvicorn and openai: pip install 'pio-fvlm[serve]'", file=sys.stderr)
         return 1
@@ -125,7 +129,8 @@ def serve(argv: list[str]) -> int:
             from .ray_engine import serve_on_ray
 
             serve_on_ray(args.model, settings, replicas=args.replicas or 1,
-                         num_gpus_per_replica=args.num_gpus_per_replica, address=args.address, **common)
+                         num_gpus_per_replica=args.num_gpus_per_replica,
+                         num_cpus_per_replica=args.num_cpus_per_replica or 1.0, address=args.address, **common)
         else:
             from .server import serve as serve_here
 
@@ -161,12 +166,12 @@ def batch(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     settings = _wrap_settings(args, p)
-    engine = _engine(args, p, {"--concurrency": args.concurrency, "--num-gpus-per-replica":
-                               args.num_gpus_per_replica, "--address": args.address}, "batch")
+    engine = _engine(args, p, {"--concurrency": args.concurrency}, "batch")
     job = BatchJob(model=args.model, settings=settings, engine=engine, batch_size=args.batch_size,
                    concurrency=args.concurrency or 1, max_new_tokens=args.max_new_tokens, device=args.device,
                    dtype=args.dtype, attn_implementation=args.attn_implementation,
-                   num_gpus_per_replica=args.num_gpus_per_replica or 0.0, address=args.address)
+                   num_gpus_per_replica=args.num_gpus_per_replica or 0.0,
+                   num_cpus_per_replica=args.num_cpus_per_replica or 1.0, address=args.address)
     try:
         summary = run_batch(args.input, args.output, job, progress=False if args.no_progress else None)
     except (TypeError, ValueError) as error:

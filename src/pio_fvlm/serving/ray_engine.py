@@ -35,7 +35,7 @@ class _Pending:
 
 def deployment(model: str, settings: dict[str, Any] | None, *, device: str, dtype: str,
                attn_implementation: str | None, max_batch_size: int, batch_wait_ms: float, replicas: int,
-               num_gpus_per_replica: float) -> Any:
+               num_gpus_per_replica: float, num_cpus_per_replica: float = 1.0) -> Any:
     """The bound Ray Serve application: ``replicas`` copies of the pruned model behind the app."""
     from ray import serve
 
@@ -43,7 +43,8 @@ def deployment(model: str, settings: dict[str, Any] | None, *, device: str, dtyp
     from .app import build_app
     from .core import BatchGenerator
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_gpus": num_gpus_per_replica},
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_gpus": num_gpus_per_replica,
+                                                                     "num_cpus": num_cpus_per_replica},
                       max_ongoing_requests=max(2 * max_batch_size, 16), health_check_period_s=2,
                       health_check_timeout_s=30)
     @serve.ingress()
@@ -80,7 +81,8 @@ def deployment(model: str, settings: dict[str, Any] | None, *, device: str, dtyp
 def serve_on_ray(model: str = DEMO_NAME, settings: dict[str, Any] | None = None, *, host: str = "127.0.0.1",
                  port: int = 8000, device: str = "auto", dtype: str = "auto", attn_implementation: str | None = None,
                  max_batch_size: int = 8, batch_wait_ms: float = 10.0, replicas: int = 1,
-                 num_gpus_per_replica: float = 0.0, address: str | None = None, block: bool = True) -> None:
+                 num_gpus_per_replica: float = 0.0, num_cpus_per_replica: float = 1.0, address: str | None = None,
+                 block: bool = True) -> None:
     """Serve ``model`` on Ray Serve (see :func:`pio_fvlm.serving.serve` for the shared arguments).
 
     ``settings`` are checked on the model's configuration before anything is deployed, so bad
@@ -96,9 +98,10 @@ def serve_on_ray(model: str = DEMO_NAME, settings: dict[str, Any] | None = None,
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(model, settings, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                         max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, replicas=replicas,
-                         num_gpus_per_replica=num_gpus_per_replica), name=APP_NAME, route_prefix="/")
+    app = deployment(model, settings, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                     max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, replicas=replicas,
+                     num_gpus_per_replica=num_gpus_per_replica, num_cpus_per_replica=num_cpus_per_replica)
+    serve.run(app, name=APP_NAME, route_prefix="/")
     if not block:
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped server shuts its replicas down
