@@ -52,10 +52,10 @@ def test_moe_layers_get_the_fast_probe_equal_to_the_full_layer(attn):
     fast, full = fast_saliency(mods, inp), full_layer_saliency(mods, inp)
     assert torch.allclose(fast[valid], full[valid], rtol=1e-4, atol=1e-7)
     pio_fvlm.wrap(model, budget=3)
-    assert model._pio_fvlm_runtime.probes == ["fast"]
+    assert pio_fvlm.describe(model).probes == ("fast",)
     dense = tiny_vlm("qwen3_vl", seed=4)
     pio_fvlm.wrap(dense, budget=3)
-    assert dense._pio_fvlm_runtime.probes == ["closed_form"]
+    assert pio_fvlm.describe(dense).probes == ("closed_form",)
 
 
 @pytest.mark.parametrize("include_last", [False, True])

@@ -96,10 +96,9 @@ def _reference_scores(model, inputs):
 def test_dominant_tokens_follow_the_towers_attention(model):
     inputs = make_batch(model, PROMPTS[:1])
     pio_fvlm.wrap(model, budget=9, encoder="visionzip", encoder_budget=5)
-    runtime = model._pio_fvlm_runtime
     with torch.no_grad():
         model(**inputs)
-    (image,) = runtime.selectors[0].capture.take()
+    (image,) = pio_fvlm.describe(model).selectors[0].capture.take()
     reference = _reference_scores(model, inputs)
     torch.testing.assert_close(image.score, reference, rtol=1e-4, atol=1e-6)
     n_dom, _ = split_dominant(5, 9)

@@ -50,7 +50,6 @@ def _rss_mb() -> float:
 def test_long_run_keeps_no_state():
     model = tiny_vlm("llava", seed=12)
     pio_fvlm.wrap(model, budget=4)
-    runtime = model._pio_fvlm_runtime
     prompts = [Prompt(before=[5] * (1 + i % 5), after=[9] * (2 + i % 7)) for i in range(10)]
     batches = [make_batch(model, [p], seed=i) for i, p in enumerate(prompts)]
     for inputs in batches:  # warm-up: allocator pools, caches of kernels
@@ -59,9 +58,9 @@ def test_long_run_keeps_no_state():
     for i in range(200):
         model.generate(**batches[i % len(batches)], **GEN)
     grown = _rss_mb() - start
-    assert len(runtime._records) <= 1  # records die with their cache objects
-    assert not runtime._tokens  # every call's context was reset
-    assert runtime._call.get() is None
+    info = pio_fvlm.describe(model)
+    assert info.cache_records <= 1  # records die with their cache objects
+    assert info.open_calls == 0  # every call's context was reset
     assert grown < 50, f"resident memory grew by {grown:.1f} MB over 200 generate calls"
 
 

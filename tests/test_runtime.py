@@ -113,7 +113,7 @@ def test_unwrap_restores_bit_identical(model):
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, ref)
     assert torch.equal(_gen(model, inputs).sequences, ref_gen)
-    assert not hasattr(model, "_pio_fvlm_runtime")
+    assert not pio_fvlm.is_wrapped(model) and not [name for name in vars(model) if "pio_fvlm" in name]
     assert hooks() == before
 
 

@@ -3,7 +3,7 @@
     model = pio_fvlm.wrap(model, budget=64)   # then model.generate(...) as always
 """
 
-from .api import get_config, is_wrapped, last_selection, pruned, unwrap, wrap
+from .api import describe, get_config, is_wrapped, last_selection, pruned, unwrap, wrap
 from .config import PruneConfig
 from .models import supported_model_types
 from .schedules import PRESETS, average_budget, schedule_for
@@ -19,6 +19,7 @@ __all__ = [
     "Selector",
     "__version__",
     "average_budget",
+    "describe",
     "get_config",
     "is_wrapped",
     "last_selection",

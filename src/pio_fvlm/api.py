@@ -13,7 +13,7 @@ from .compat import warn_if_untested_versions
 from .config import Budget, PruneConfig
 from .encoder import check_encoder_settings, install_encoder
 from .models import adapter_for
-from .runtime import Runtime
+from .runtime import Runtime, RuntimeInfo
 from .runtime.masks import check_attention_backend
 from .schedules import normalize_schedule
 from .select import PioSelector, Selector
@@ -187,6 +187,11 @@ def unwrap(model: M) -> M:
     _runtime(model).remove()
     object.__delattr__(model, _RUNTIME_ATTR)
     return model
+
+
+def describe(model: nn.Module) -> RuntimeInfo:
+    """A wrapped model's stages, selectors, probes and live state (:class:`~pio_fvlm.runtime.RuntimeInfo`)."""
+    return _runtime(model).describe()
 
 
 def get_config(model: nn.Module) -> PruneConfig:

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-Budget = int | float
+Budget = int | float  # what users pass: visual tokens kept (int) or the fraction kept (float)
+# What a runtime stage keeps: a user's budget, or a rule of its own from the visual-token count
+# (the encoder modes' per-sample counts)
+StageBudget = int | float | Callable[[int], int]
 POSITION_MODES = ("keep", "compact")
 
 
@@ -142,7 +146,7 @@ def validate_budget(budget: object) -> None:
         raise ValueError(f"budget={budget!r} would keep no visual token: {hint}")
 
 
-def tokens_to_keep(budget: Budget, n_visual: int) -> int:
+def tokens_to_keep(budget: StageBudget, n_visual: int) -> int:
     """How many of a sample's ``n_visual`` visual tokens the budget keeps (never more than exist)."""
     if callable(budget):  # a rule of its own (encoder mode: a count per image)
         want = budget(n_visual)

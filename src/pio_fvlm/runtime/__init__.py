@@ -1,5 +1,5 @@
 """Moving data: hooks, per-call plans, masks, KV-cache records, re-expansion."""
 
-from .hooks import Runtime
+from .hooks import Runtime, RuntimeInfo
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "RuntimeInfo"]

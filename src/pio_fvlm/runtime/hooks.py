@@ -22,6 +22,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from ..compat import dynamic_cache_class, layer_cache
-from ..config import Budget, PruneConfig, tokens_to_keep
+from ..config import PruneConfig, StageBudget, tokens_to_keep
 from ..models.base import ModelParts
 from ..select.closed_form import supports_closed_form
 from ..select.saliency import PROBING, ProbeInputs, ProbeModules, proxy_query_positions, supports_fast_probe
@@ -58,6 +59,26 @@ def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """A wrapped model's pruning, read from outside (:func:`pio_fvlm.describe`).
+
+    Attributes:
+        stages: ``((layer, budget), ...)``: from which decoder layer on each stage keeps how many
+            visual tokens (an encoder mode's stage at layer 0 has a rule of its own).
+        selectors: the selector of each stage.
+        probes: each stage's probe: ``"closed_form"``, ``"captured"``, ``"fast"`` or ``"full"``.
+        cache_records: KV caches whose pruned layout is remembered (they die with their cache).
+        open_calls: forward calls started and not yet ended (0 between calls).
+    """
+
+    stages: tuple[tuple[int, StageBudget], ...]
+    selectors: tuple[Selector, ...]
+    probes: tuple[str, ...]
+    cache_records: int
+    open_calls: int
+
+
 class Runtime:
     """Hooks and per-cache records for one wrapped model.
 
@@ -80,7 +101,7 @@ class Runtime:
         self,
         parts: ModelParts,
         config: PruneConfig,
-        stages: list[tuple[int, Budget]],
+        stages: list[tuple[int, StageBudget]],
         selector: Selector | list[Selector],
         *,
         extra_hooks: Sequence[tuple[torch.nn.Module, Any]] = (),
@@ -178,6 +199,12 @@ class Runtime:
                 del module.__dict__[name]
 
     # ------------------------------------------------------------------ public read-outs
+    def describe(self) -> RuntimeInfo:
+        """What this runtime prunes with and what it holds now (see :class:`RuntimeInfo`)."""
+        return RuntimeInfo(stages=tuple(self.stages), selectors=tuple(self.selectors), probes=tuple(self.probes),
+                           cache_records=len(self._records),
+                           open_calls=len(self._tokens) + (self._call.get() is not None))
+
     def last_selection(self, stage: int = -1) -> list[torch.Tensor] | None:
         """Per sample, sorted positions (in that call's input_ids) of the visual tokens kept
         from stage ``stage`` on (default: the last stage)."""
