@@ -61,7 +61,10 @@ def wrap(
     128 per sample, window-local + global on the tower's attention; see :mod:`pio_fvlm.encoder`).
     ``capture=True`` runs the probe as one compiled graph per shape bucket (a CUDA graph on a GPU:
     for batch 1 on a fast GPU; the first prefill of each bucket compiles).
-    ``selector=`` swaps the token choice (for baselines and tests); PIO-FVLM by default.
+    ``selector=`` swaps the token choice (for baselines and tests); by default it is
+    ``PioSelector(nms_threshold, proxy_tokens, proxy_includes_last, probe)`` built from those
+    keywords. A ``PioSelector`` passed in carries its own method settings: giving those keywords
+    too is an error, and :func:`get_config` reports the selector's.
     """
     warn_if_untested_versions()
     keywords = {
@@ -114,8 +117,9 @@ def wrap(
             f"{adapter.position_modes} (M-RoPE models keep each kept token's 3-D position)"
         )
     check_attention_backend(parts.text_config)
+    selector, config = _method_selector(selector, config, set(given))
     stages: list[tuple[int, Any]] = list(config.stages())
-    selectors: list[Selector] = [selector or PioSelector()] * len(stages)
+    selectors: list[Selector] = [selector] * len(stages)
     extra_hooks: list[tuple[nn.Module, Any]] = []
     method_patches: list[tuple[nn.Module, str, Any]] = []
     if config.encoder is not None:
@@ -129,6 +133,27 @@ def wrap(
         unwrap(model)
     attach(model, runtime_for(model, parts, config, stages, selectors, extra_hooks, method_patches))
     return model
+
+
+_METHOD_SETTINGS = ("nms_threshold", "proxy_tokens", "proxy_includes_last", "capture")
+
+
+def _method_selector(selector: Selector | None, config: PruneConfig, given: set[str]
+                     ) -> tuple[Selector, PruneConfig]:
+    """The selector of every stage, and the config that reports its settings: a ``PioSelector``
+    built from the method's keywords, or the one passed in (whose settings the config then takes)."""
+    if selector is None:
+        return PioSelector(config.nms_threshold, config.proxy_tokens, config.proxy_includes_last,
+                           "captured" if config.capture else "auto"), config
+    if not isinstance(selector, PioSelector):
+        return selector, config  # a baseline or a user's own: the config's settings are what it may read
+    clash = sorted(set(_METHOD_SETTINGS) & given)
+    if clash:
+        raise ValueError(f"the PioSelector passed as selector= has its own {', '.join(clash)}: set "
+                         f"{'them' if len(clash) > 1 else 'it'} there (PioSelector({clash[0]}=...)), not on wrap")
+    return selector, config.replace(nms_threshold=selector.nms_threshold, proxy_tokens=selector.proxy.tokens,
+                                    proxy_includes_last=selector.proxy.includes_last,
+                                    capture=selector.probe == "captured")
 
 
 def runtime_for(model: nn.Module, parts: Any, config: PruneConfig, stages: list[tuple[int, Any]],

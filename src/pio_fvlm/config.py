@@ -96,22 +96,10 @@ class PruneConfig:
                 f"layers: pass 1 <= layer <= {num_layers - 1} (layer 0 must see every token so that "
                 f"there are hidden states to score; 1 is the authors' setting)"
             )
-        if self.nms_threshold is not None:
-            t = self.nms_threshold
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-                raise TypeError(f"nms_threshold must be a float in (-1, 1] or None (no NMS); got {t!r}")
-            if not -1.0 < float(t) <= 1.0:
-                raise ValueError(
-                    f"nms_threshold={t} is not a cosine similarity: pass a value in (-1, 1] "
-                    f"(0.8 is the authors' setting) or None to disable NMS"
-                )
-        k = self.proxy_tokens
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"proxy_tokens must be an int >= 1 (4 is the authors' setting); got {k!r}")
-        if not isinstance(self.proxy_includes_last, bool):
-            raise TypeError(f"proxy_includes_last must be True or False; got {self.proxy_includes_last!r}")
-        if not isinstance(self.capture, bool):
-            raise TypeError(f"capture must be True or False; got {self.capture!r}")
+        check_nms_threshold(self.nms_threshold)
+        check_proxy_tokens(self.proxy_tokens)
+        check_flag("proxy_includes_last", self.proxy_includes_last)
+        check_flag("capture", self.capture)
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}; got {self.positions!r}")
         return self
@@ -129,6 +117,30 @@ def plain_number(value: Any) -> Any:
     if isinstance(value, numbers.Real):
         return float(value)
     return value
+
+
+def check_nms_threshold(t: object) -> None:
+    """Raise a clear error unless ``t`` is a cosine similarity in (-1, 1] or None (no NMS)."""
+    if t is None:
+        return
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        raise TypeError(f"nms_threshold must be a float in (-1, 1] or None (no NMS); got {t!r}")
+    if not -1.0 < float(t) <= 1.0:
+        raise ValueError(
+            f"nms_threshold={t} is not a cosine similarity: pass a value in (-1, 1] "
+            f"(0.8 is the authors' setting) or None to disable NMS"
+        )
+
+
+def check_proxy_tokens(k: object) -> None:
+    """Raise a clear error unless ``k`` (the proxy loss's prompt positions) is an int >= 1."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"proxy_tokens must be an int >= 1 (4 is the authors' setting); got {k!r}")
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
 
 
 def validate_budget(budget: object) -> None:

@@ -35,7 +35,7 @@ from ..config import PruneConfig, StageBudget, tokens_to_keep
 from ..models.base import ModelParts
 from ..select.closed_form import supports_closed_form
 from ..select.saliency import PROBING, ProbeInputs, ProbeModules, proxy_query_positions, supports_fast_probe
-from ..select.selector import ProbeKind, SelectionRequest, Selector
+from ..select.selector import ProbeKind, ProxyWindow, SelectionRequest, Selector
 from .masks import causal_padding_mask
 from .plan import StageSource, compact_position_ids, gather_position_ids, gather_tokens, plan_stage, scatter_back
 from .state import CacheRecord, CallState, StageCache, StageInputs
@@ -120,7 +120,14 @@ class Runtime:
         # The closed-form and fast probes call the layer's sub-modules and read weights directly;
         # a layer whose weights accelerate keeps off the device (CPU / disk offload: meta
         # parameters until its own forward runs) gets the generic probe, which calls the layer.
-        self.probes = [self._probe_kind(parts.layers[start]) for start, _ in stages]
+        # Each stage's selector names its probe and proxy window; a selector that names none (a
+        # baseline, a user's own) gets the wrap's settings.
+        default_probe = "captured" if config.capture else "auto"
+        self.probes = [self._probe_kind(parts.layers[start], getattr(selector, "probe", None) or default_probe)
+                       for (start, _), selector in zip(stages, self.selectors)]
+        default_window = ProxyWindow(config.proxy_tokens, config.proxy_includes_last)
+        self.windows: list[ProxyWindow] = [getattr(selector, "proxy", None) or default_window
+                                           for selector in self.selectors]
         self._handles: list[RemovableHandle] = []
         self._extra_hooks = list(extra_hooks)
         self._method_patches = list(method_patches)
@@ -143,19 +150,27 @@ class Runtime:
         self._id_tensors: dict[str, torch.Tensor] = {}
         self._true: dict[str, torch.Tensor] = {}
 
-    def _probe_kind(self, layer: torch.nn.Module) -> ProbeKind:
+    def _probe_kind(self, layer: torch.nn.Module, choice: str) -> ProbeKind:
+        """The probe of a stage whose selector asks for ``choice`` (see :class:`PioSelector`)."""
+        head, norm = self.parts.head, self.parts.norm
+        closed = not any(map(_offloaded, (layer, head, norm))) and supports_closed_form(layer, norm, head)
+        fast = not _offloaded(layer) and supports_fast_probe(layer)
+        if choice in ("closed_form", "fast", "full"):
+            if (choice == "closed_form" and not closed) or (choice == "fast" and not fast):
+                raise ValueError(f"probe={choice!r} is not available for this model's layers (or offloaded "
+                                 f"weights): use probe='auto', which picks the cheapest exact probe they allow")
+            return choice  # type: ignore[return-value]
         if _offloaded(layer):
             return "full"
-        head, norm = self.parts.head, self.parts.norm
-        if not (_offloaded(head) or _offloaded(norm)) and supports_closed_form(layer, norm, head):
-            return "captured" if self.config.capture else "closed_form"
-        if self.config.capture:
+        if closed:
+            return "captured" if choice == "captured" else "closed_form"
+        if choice == "captured":
             logger.warning("pio_fvlm: capture=True needs the closed-form probe, which this model's layers (or "
                            "offloaded weights) do not allow; the probe runs uncaptured.")
-        return "fast" if supports_fast_probe(layer) else "full"
+        return "fast" if fast else "full"
 
-    _PORTABLE = ("parts", "config", "stages", "selectors", "stage_of", "probes", "_handles", "_extra_hooks",
-                 "_method_patches")
+    _PORTABLE = ("parts", "config", "stages", "selectors", "stage_of", "probes", "windows", "_handles",
+                 "_extra_hooks", "_method_patches")
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: self.__dict__[k] for k in self._PORTABLE}
@@ -240,13 +255,13 @@ class Runtime:
     def _check_proxy_window(self, shortest: int) -> None:
         """The proxy loss reads K positions before a row's last token (or ending at it): a prompt
         shorter than that has no such window (the authors' slicing would silently use fewer)."""
-        cfg = self.config
-        need = cfg.proxy_tokens + (0 if cfg.proxy_includes_last else 1)
+        window = max(self.windows, key=ProxyWindow.prompt_tokens_needed)
+        need = window.prompt_tokens_needed()
         if shortest < need:
-            fits = shortest - (0 if cfg.proxy_includes_last else 1)
+            fits = shortest - (0 if window.includes_last else 1)
             raise ValueError(
-                f"a prompt of {shortest} tokens is too short for proxy_tokens={cfg.proxy_tokens}: the proxy loss "
-                f"reads the {cfg.proxy_tokens} positions before the last token, which needs {need} tokens; wrap "
+                f"a prompt of {shortest} tokens is too short for proxy_tokens={window.tokens}: the proxy loss "
+                f"reads the {window.tokens} positions before the last token, which needs {need} tokens; wrap "
                 f"with proxy_tokens <= {max(fits, 1)} for prompts this short"
             )
 
@@ -493,7 +508,7 @@ class Runtime:
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run stage ``s``'s selector: the (B, S) kept-visual mask, and replacement hidden states
         when the selector returns some (merging selectors)."""
-        query_positions, query_positions_host = self._proxy_positions(source.valid, source.all_valid)
+        query_positions, query_positions_host = self._proxy_positions(source.valid, source.all_valid, self.windows[s])
         request = SelectionRequest(
             probe_inputs=ProbeInputs(
                 hidden=hidden,
@@ -522,15 +537,15 @@ class Runtime:
             self._true[key] = torch.ones((), dtype=torch.bool, device=device)
         return self._true[key].expand(b, length)
 
-    def _proxy_positions(self, valid: torch.Tensor, all_valid: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+    def _proxy_positions(self, valid: torch.Tensor, all_valid: bool, window: ProxyWindow
+                         ) -> tuple[torch.Tensor, np.ndarray | None]:
         """(B, K) proxy positions, and their host copy when every token is real (then they follow
         from the length alone and are built on the host: one copy instead of a dozen small ops)."""
-        cfg = self.config
         if not all_valid:
-            return proxy_query_positions(valid, cfg.proxy_tokens, cfg.proxy_includes_last), None
+            return proxy_query_positions(valid, window.tokens, window.includes_last), None
         b, length = valid.shape
-        end = length - 1 if cfg.proxy_includes_last else length - 2
-        row = np.maximum(np.arange(end - cfg.proxy_tokens + 1, end + 1), 0)
+        end = length - 1 if window.includes_last else length - 2
+        row = np.maximum(np.arange(end - window.tokens + 1, end + 1), 0)
         host = np.repeat(row[None, :], b, axis=0)
         return torch.from_numpy(host).to(valid.device), host
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..tensor_ops import attention_probs, gather_tokens
 from .nms import select_with_nms
 from .saliency import rotated_queries_keys
-from .selector import SelectionRequest
+from .selector import ProxyWindow, SelectionRequest
 
 
 def _rank(candidates: torch.Tensor) -> torch.Tensor:
@@ -151,6 +151,8 @@ class FastVSelector:
     works with every attention backend; FastV itself needs eager attention to read the map.
     """
 
+    proxy = ProxyWindow(tokens=1, includes_last=True)  # the runtime hands over the last prompt position
+
     def __call__(self, request: SelectionRequest) -> torch.Tensor:
         inp = request.probe_inputs
         layer: Any = request.probe_modules.layer
@@ -158,8 +160,7 @@ class FastVSelector:
         if attn is None or inp.position_embeddings is None:
             raise ValueError("FastVSelector needs a Llama-style attention layer with rotary position embeddings")
         b, s, _ = inp.hidden.shape
-        last = inp.query_positions[:, -1:] + (0 if request.config.proxy_includes_last else 1)
-        last = last.clamp(max=s - 1)
+        last = inp.query_positions[:, -1:]
         probs = attention_rows(attn, layer.input_layernorm(inp.hidden), inp.position_embeddings,
                                last, inp.valid.view(b, 1, s))
         return _top(probs.mean(1).squeeze(1), request)  # heads averaged: (B, S)

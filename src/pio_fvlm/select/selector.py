@@ -7,19 +7,35 @@ from typing import Literal, Protocol
 
 import torch
 
-from ..config import PruneConfig
+from ..config import PruneConfig, check_flag, check_nms_threshold, check_proxy_tokens, plain_number
 from .capture import captured_saliency
 from .closed_form import closed_form_saliency
 from .nms import select_with_nms
 from .saliency import ProbeInputs, ProbeModules, fast_saliency, full_layer_saliency
 
 ProbeKind = Literal["captured", "closed_form", "fast", "full"]
+ProbeChoice = Literal["auto", "captured", "closed_form", "fast", "full"]
+PROBE_CHOICES: tuple[str, ...] = ("auto", "captured", "closed_form", "fast", "full")
 PROBES = {
     "captured": captured_saliency,
     "closed_form": closed_form_saliency,
     "fast": fast_saliency,
     "full": full_layer_saliency,
 }
+
+
+@dataclass(frozen=True)
+class ProxyWindow:
+    """The prompt positions whose predictions form the proxy loss, per row: ``tokens`` positions
+    ending just before the last real token (``includes_last=False``, the authors' code) or at it.
+    A selector names the window it reads as its ``proxy`` attribute; the runtime builds it."""
+
+    tokens: int = 4
+    includes_last: bool = False
+
+    def prompt_tokens_needed(self) -> int:
+        """The shortest prompt that has this window."""
+        return self.tokens + (0 if self.includes_last else 1)
 
 
 @dataclass
@@ -31,7 +47,7 @@ class SelectionRequest:
         probe_modules: the prune layer, final norm and prediction head.
         candidates: (B, S) bool, the visual tokens that may be kept or dropped.
         budgets: (B,) long, how many candidates each row keeps (<= its candidate count).
-        config: the wrap's settings.
+        config: the wrap's settings (where and how much to prune; the default selector's settings).
         probe: how the saliency is computed: ``"closed_form"`` (no autograd, see
             :mod:`.closed_form`), ``"captured"`` (the same, compiled: :mod:`.capture`), ``"fast"``
             (autograd at the proxy positions only) or ``"full"`` (autograd through the real layer);
@@ -58,7 +74,38 @@ class Selector(Protocol):
 
 
 class PioSelector:
-    """PIO-FVLM: gradient saliency of the layer-local proxy loss, then NMS to the budget."""
+    """PIO-FVLM: gradient saliency of the layer-local proxy loss, then NMS to the budget.
+
+    Args:
+        nms_threshold: cosine-similarity threshold of the greedy NMS (0.8, the authors'); None:
+            plain top-k by saliency.
+        proxy_tokens: K, the prompt positions whose predictions form the proxy loss (4).
+        proxy_includes_last: False (the authors' code): the K positions before the last real
+            token; True: the last K, the last one included.
+        probe: how the saliency is computed. ``"auto"``: the cheapest exact probe the layer allows
+            (closed form, else autograd at the proxy positions, else autograd through the layer);
+            ``"captured"``: the closed form as one compiled graph per shape bucket (see
+            ``wrap(capture=True)``); ``"closed_form"``, ``"fast"``, ``"full"``: that probe, refused
+            at ``wrap`` where the layer does not allow it. All give the same saliency.
+
+    ``wrap(model, nms_threshold=0.7, ...)`` builds this selector from its keywords.
+    """
+
+    def __init__(self, nms_threshold: float | None = 0.8, proxy_tokens: int = 4, proxy_includes_last: bool = False,
+                 probe: ProbeChoice = "auto") -> None:
+        nms_threshold, proxy_tokens = plain_number(nms_threshold), plain_number(proxy_tokens)
+        check_nms_threshold(nms_threshold)
+        check_proxy_tokens(proxy_tokens)
+        check_flag("proxy_includes_last", proxy_includes_last)
+        if probe not in PROBE_CHOICES:
+            raise ValueError(f"probe must be one of {PROBE_CHOICES}; got {probe!r}")
+        self.nms_threshold: float | None = nms_threshold
+        self.proxy = ProxyWindow(proxy_tokens, proxy_includes_last)
+        self.probe: ProbeChoice = probe
+
+    def __repr__(self) -> str:
+        return (f"PioSelector(nms_threshold={self.nms_threshold}, proxy_tokens={self.proxy.tokens}, "
+                f"proxy_includes_last={self.proxy.includes_last}, probe={self.probe!r})")
 
     def saliency(self, request: SelectionRequest) -> torch.Tensor:
         """(B, S) fp32 saliency, by the cheapest exact probe the layer allows."""
@@ -72,7 +119,7 @@ class PioSelector:
             request.probe_inputs.hidden,
             request.candidates,
             request.budgets,
-            request.config.nms_threshold,
+            self.nms_threshold,
             request.candidate_counts,
             request.budget_counts,
         )
