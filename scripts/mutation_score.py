@@ -42,6 +42,14 @@ TARGETS: dict[str, list[str]] = {
     "schedules.py": ["tests/test_schedules.py"],
     "runtime/plan.py": ["tests/test_runtime.py", "tests/test_schedules.py", "tests/test_properties.py"],
     "runtime/masks.py": ["tests/test_runtime.py"],
+    "runtime/call_start.py": ["tests/test_runtime.py", "tests/test_hardening.py"],
+    "runtime/first_stage.py": ["tests/test_runtime.py", "tests/test_selection.py"],
+    "runtime/later_stages.py": ["tests/test_schedules.py"],
+    "runtime/continuation.py": ["tests/test_runtime.py"],
+    "runtime/call_end.py": ["tests/test_runtime.py"],
+    "select/closed_form.py": ["tests/test_closed_form.py"],
+    "select/saliency.py": ["tests/test_closed_form.py", "tests/test_selection.py"],
+    "models/qwen3_vl.py": ["tests/test_qwen3_vl.py"],
 }
 
 # One natural replacement per arithmetic operator (the other ten per operator mostly give

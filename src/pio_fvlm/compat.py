@@ -265,7 +265,7 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("mask functions", "the pruned layers' attention masks, in the format of the model's backend",
                ("runtime.masks",), _check_masks),
     Touchpoint("DynamicCache", "the default KV cache, whose per-layer lengths the runtime records",
-               ("runtime.hooks",), _check_cache),
+               ("runtime.call_start", "runtime.first_stage"), _check_cache),
     Touchpoint("decoder layer keywords", "the pruned layers get the shortened hidden states, mask, position ids "
                "and embeddings by these keywords; the probe calls a layer without its cache",
                ("runtime.hooks", "select.saliency"), _check_layer_keywords),
