@@ -118,3 +118,28 @@ def test_closed_form_is_refused_for_other_layers():
     assert not supports_closed_form(layer, lm.norm, model.lm_head)
     mods = ProbeModules(lm.layers[3], lm.norm, model.lm_head)
     assert supports_closed_form(mods.layer, mods.norm, mods.head)
+
+
+def test_only_an_rms_norm_is_taken_for_one():
+    """The closed form writes the RMSNorm out; a norm that has its attributes but computes
+    something else (here: a LayerNorm-like centring) must send the layer to the autograd probes."""
+    model = tiny_vlm("llava", num_layers=2, seed=4)
+    layer, norm, head = model.model.language_model.layers[1], model.model.language_model.norm, model.lm_head
+    assert supports_closed_form(layer, norm, head)
+
+    class CentredNorm(torch.nn.Module):
+        def __init__(self, like):
+            super().__init__()
+            self.weight, self.variance_epsilon = like.weight, like.variance_epsilon
+
+        def forward(self, x):
+            x = x - x.mean(-1, keepdim=True)
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    assert not supports_closed_form(layer, CentredNorm(norm), head)
+    original = layer.input_layernorm
+    layer.input_layernorm = CentredNorm(original)
+    try:
+        assert not supports_closed_form(layer, norm, head)
+    finally:
+        layer.input_layernorm = original

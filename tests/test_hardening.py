@@ -120,6 +120,18 @@ def test_inputs_embeds_warns_once(caplog):
     assert sum("inputs_embeds" in r.message for r in caplog.records) == 1
 
 
+def test_inputs_embeds_of_one_token_are_a_decode_step_and_do_not_warn(caplog):
+    """A one-token call never holds visual tokens (a decode step): nothing to warn about; two tokens could."""
+    model = tiny_vlm("llava", seed=16)
+    embeds = model.get_input_embeddings()(torch.tensor([[5, 6]]))
+    pio_fvlm.wrap(model, budget=3)
+    with caplog.at_level(logging.WARNING, logger="pio_fvlm"), torch.no_grad():
+        model(inputs_embeds=embeds[:, :1])
+        assert not any("inputs_embeds" in r.message for r in caplog.records)
+        model(inputs_embeds=embeds)
+    assert sum("inputs_embeds" in r.message for r in caplog.records) == 1
+
+
 def test_image_token_count_mismatch_is_a_clear_error():
     model = tiny_vlm("llava", seed=17)
     inputs = standard_batch(model)

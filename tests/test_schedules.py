@@ -179,3 +179,31 @@ def test_a_layer_out_of_range_names_the_range():
     model = tiny_vlm("llava")  # 4 decoder layers: prune layers 1..3
     with pytest.raises(ValueError, match=r"an int in 1\.\.3 for this 4-layer"):
         pio_fvlm.wrap(model, schedule=[(1, 3), (4, 2)])
+
+
+class FirstCandidates:
+    """Keeps each row's first candidates in sequence order, and records what each stage was offered."""
+
+    def __init__(self):
+        self.offered = []
+
+    def __call__(self, request):
+        self.offered.append((request.candidates.sum(1).tolist(), request.candidate_counts))
+        rank = request.candidates.long().cumsum(1)
+        return request.candidates & (rank <= request.budgets.view(-1, 1))
+
+
+def test_a_later_stage_is_offered_exactly_the_survivors_of_the_one_before():
+    """The survivors include the visual token at position 0 (a prompt that starts with its image)."""
+    from pio_fvlm.testing import Prompt
+
+    model = tiny_vlm("llava", num_layers=4, seed=3)
+    inputs = make_batch(model, [Prompt(before=[], after=[9, 10, 11, 12, 13])])
+    assert inputs["input_ids"][0, 0] == model.config.image_token_id
+    selector = FirstCandidates()
+    pio_fvlm.wrap(model, schedule=[(1, 6), (2, 3)], selector=selector)
+    with torch.no_grad():
+        model(**inputs)
+    assert selector.offered[1] == ([6], [6])
+    first, second = (pio_fvlm.last_selection(model, stage)[0].tolist() for stage in (0, 1))
+    assert first == list(range(6)) and second == [0, 1, 2]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pio_fvlm
-from helpers import standard_batch
+from helpers import standard_batch, standard_prompts
 from pio_fvlm.select.saliency import (
     ProbeInputs,
     ProbeModules,
@@ -120,6 +120,21 @@ def test_wrapped_selection_equals_naive_method(family, layer, budget):
     assert [g.tolist() for g in got] == want
 
 
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_a_proxy_window_ending_at_the_last_token_equals_naive(family, padded):
+    """proxy_includes_last=True, with padding (positions built on the device) and without (on the host)."""
+    model = tiny_vlm(family, attn_implementation="sdpa", seed=1)
+    prompts = standard_prompts(model) if padded else [Prompt(before=[5, 6], after=[9, 10, 11, 12, 13], images=2)]
+    inputs = make_batch(model, prompts)
+    assert bool(inputs["attention_mask"].all()) != padded
+    want = naive_selection(model, inputs, 1, 3, include_last=True)
+    pio_fvlm.wrap(model, budget=3, proxy_includes_last=True)
+    with torch.no_grad():
+        model(**inputs)
+    assert [g.tolist() for g in pio_fvlm.last_selection(model)] == want
+
+
 def test_selection_at_llava15_token_count():
     """576 visual tokens per image as LLaVA-1.5 (336 px, patch 14), budget 64."""
     model = tiny_llava(image_size=336, patch_size=14, attn_implementation="sdpa", seed=2)
@@ -166,6 +181,9 @@ def test_shortest_row_just_fits_the_proxy_window_and_a_shorter_one_is_refused(fa
     assert_batch_equals_alone(model, prompts, inputs)
     pio_fvlm.wrap(model, budget=2, proxy_tokens=k + 1)
     with pytest.raises(ValueError, match=f"too short for proxy_tokens={k + 1}.*proxy_tokens <= {k}"):
+        model(**inputs)
+    pio_fvlm.wrap(model, budget=2, proxy_tokens=k + 2, proxy_includes_last=True)  # the window may end at the last
+    with pytest.raises(ValueError, match=f"too short for proxy_tokens={k + 2}.*proxy_tokens <= {k + 1} "):
         model(**inputs)
     with torch.no_grad():  # the failed call left nothing behind
         pio_fvlm.wrap(model, budget=2, proxy_tokens=k)

@@ -100,3 +100,32 @@ def test_fastv_reads_the_last_prompt_token_whatever_the_wraps_proxy_window():
     kept = [kept_and_logits(model, inputs, layer=2, selector=FastVSelector(), proxy_includes_last=last)[0]
             for last in (False, True)]
     assert kept[0] == kept[1]
+
+
+class RecordingPio(PioSelector):
+    """PIO-FVLM, recording the proxy positions the runtime hands over."""
+
+    def __call__(self, request):
+        self.seen = request.probe_inputs.query_positions.clone()
+        return super().__call__(request)
+
+
+@pytest.mark.parametrize("includes_last", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_runtime_hands_over_the_selectors_proxy_window(padded, includes_last):
+    """Built on the host when no row is padded, on the device otherwise: the same positions as
+    select.saliency.proxy_query_positions."""
+    from pio_fvlm.select import proxy_query_positions
+    from pio_fvlm.testing import Prompt, make_batch
+
+    model = tiny_vlm("llava", seed=3)
+    prompts = [Prompt(before=[5, 6], after=[9, 10, 11, 12, 13])]
+    if padded:
+        prompts.append(Prompt(before=[5, 6, 7, 8], after=[9, 10, 11, 12, 13, 14]))
+    inputs = make_batch(model, prompts)
+    selector = RecordingPio(proxy_tokens=3, proxy_includes_last=includes_last)
+    pio_fvlm.wrap(model, budget=2, selector=selector)
+    with torch.no_grad():
+        model(**inputs)
+    want = proxy_query_positions(inputs["attention_mask"].bool(), 3, includes_last)
+    assert torch.equal(selector.seen, want)
