@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     model = args.model
     if model == MINIATURE:
-        model = str(save_miniature_llava(Path(tempfile.gettempdir()) / "pio-fvlm-llava-1.5-miniature"))
+        model = str(save_miniature_llava())
     with tempfile.TemporaryDirectory() as scratch:
         rows_file = write_rows(Path(scratch), args.rows)
         results = []

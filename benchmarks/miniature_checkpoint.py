@@ -9,19 +9,21 @@ answer runs to ``max_tokens``: each request costs the same.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 MINIATURE = "llava-1.5-miniature"  # the --model name the load benchmarks take for it
 
 
-def save_miniature_llava(folder: str | Path) -> Path:
-    """Write the miniature and its processor to ``folder`` (once: an existing checkpoint is kept)."""
+def save_miniature_llava(folder: str | Path | None = None) -> Path:
+    """Write the miniature and its processor to ``folder`` (default: one in the temporary
+    directory, shared by the benchmarks) once: an existing checkpoint is kept."""
     from transformers import AutoProcessor
 
     from pio_fvlm.bench_models import miniature_llava
     from pio_fvlm.shapes_vlm import ASSET_DIR
 
-    folder = Path(folder)
+    folder = Path(folder) if folder is not None else Path(tempfile.gettempdir()) / "pio-fvlm-llava-1.5-miniature"
     if (folder / "config.json").exists():
         return folder
     processor = AutoProcessor.from_pretrained(ASSET_DIR)

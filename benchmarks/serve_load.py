@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     bodies = request_bodies(args.model, 32, args.max_tokens)
     served = args.model
     if args.model == MINIATURE:
-        import tempfile
-
-        served = str(save_miniature_llava(Path(tempfile.gettempdir()) / "pio-fvlm-llava-1.5-miniature"))
+        served = str(save_miniature_llava())
         for body in bodies:
             body["model"] = served  # a server answers to the name it was started with
     common = [served, "--engine", args.engine, "--device", args.device, "--dtype", args.dtype]

@@ -18,6 +18,7 @@ from PIL import Image
 
 from helpers import SERVING_BUDGET as BUDGET
 from pio_fvlm import synthetic as syn
+from pio_fvlm.serving import batch_job
 from pio_fvlm.serving.batch_job import BatchJob, ResultsFile, run_batch
 from pio_fvlm.serving.batch_rows import ANSWER_FIELDS, RowAnswerer, answer_rows, read_image, row_request
 from pio_fvlm.serving.client import image_data_url
@@ -141,23 +142,22 @@ def test_an_interrupted_job_resumes_with_only_the_missing_rows(tmp_path, job, mo
     write_jsonl(tmp_path / "in.jsonl", rows)
     run_batch(tmp_path / "in.jsonl", tmp_path / "full.jsonl", job)
     calls: list[list[str]] = []
-    answer = RowAnswerer.__call__
 
-    def interrupted_after_two_batches(self, batch):
+    def interrupted_after_two_batches(generator, chunk, **kwargs):
         if len(calls) == 2:
             raise KeyboardInterrupt
-        calls.append(list(batch["id"]))
-        return answer(self, batch)
+        calls.append([row["id"] for row in chunk])
+        return answer_rows(generator, chunk, **kwargs)
 
-    monkeypatch.setattr(RowAnswerer, "__call__", interrupted_after_two_batches)
+    monkeypatch.setattr(batch_job, "answer_rows", interrupted_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
         run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", job)
     assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [r["id"] for r in rows[:6]]
     with open(tmp_path / "out.jsonl", "a") as handle:
         handle.write('{"id": "q6", "answ')  # a line the interruption cut short
     calls.clear()
-    monkeypatch.setattr(RowAnswerer, "__call__", lambda self, batch: calls.append(list(batch["id"])) or
-                        answer(self, batch))
+    monkeypatch.setattr(batch_job, "answer_rows", lambda generator, chunk, **kwargs: calls.append(
+        [row["id"] for row in chunk]) or answer_rows(generator, chunk, **kwargs))
     summary = run_batch(tmp_path / "in.jsonl", tmp_path / "out.jsonl", job)
     assert (summary.skipped, summary.answered) == (6, 2) and calls == [["q6", "q7"]]
     assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "full.jsonl").read_bytes()

@@ -212,7 +212,7 @@ class Runtime(CallEnd):
         """What this runtime prunes with and what it holds now (see :class:`RuntimeInfo`)."""
         return RuntimeInfo(stages=tuple(self.stages), selectors=tuple(self.selectors), probes=tuple(self.probes),
                            cache_records=len(self._records),
-                           open_calls=len(self._tokens) + (self._call.get() is not None))
+                           open_calls=len(self._tokens))  # each open call holds its context token
 
     def last_selection(self, stage: int = -1) -> list[torch.Tensor] | None:
         """Per sample, sorted positions (in that call's input_ids) of the visual tokens kept

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .batch_rows import DEFAULT_MAX_NEW_TOKENS, BatchPredictor, RowAnswerer, plain
-from .core import BatchGenerator
-from .server import DEMO_NAME, check_settings, load_model
+from .batch_rows import DEFAULT_MAX_NEW_TOKENS, BatchPredictor, answer_rows, plain
+from .server import DEMO_NAME, batch_generator, check_settings
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
@@ -209,17 +208,10 @@ def run_batch(input_path: str | Path, output_path: str | Path, job: BatchJob, *,
 
 
 def _local_batches(rows: list[dict[str, Any]], job: BatchJob, root: Path) -> Iterator[list[dict[str, Any]]]:
-    from ..api import wrap
-
-    model, processor = load_model(job.model, device=job.device, dtype=job.dtype,
-                                  attn_implementation=job.attn_implementation)
-    if job.settings is not None:
-        wrap(model, **job.settings)
-    answerer = RowAnswerer(BatchGenerator(model, processor), max_new_tokens=job.max_new_tokens, root=root)
+    generator = batch_generator(job.model, job.settings, device=job.device, dtype=job.dtype,
+                                attn_implementation=job.attn_implementation)
     for start in range(0, len(rows), job.batch_size):
-        chunk = rows[start:start + job.batch_size]
-        answered = answerer({name: [row.get(name) for row in chunk] for name in _columns(chunk)})
-        yield [dict(zip(answered, values)) for values in zip(*answered.values())]
+        yield answer_rows(generator, rows[start:start + job.batch_size], max_new_tokens=job.max_new_tokens, root=root)
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:

@@ -170,10 +170,8 @@ class BatchPredictor(RowAnswerer):
     def __init__(self, model: str, settings: dict[str, Any] | None = None, *, device: str = "auto",
                  dtype: str = "auto", attn_implementation: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, root: str | Path | None = None) -> None:
-        from ..api import wrap
-        from .server import load_model
+        from .server import batch_generator
 
-        loaded, processor = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation)
-        if settings is not None:
-            wrap(loaded, **settings)
-        super().__init__(BatchGenerator(loaded, processor), max_new_tokens=max_new_tokens, root=root)
+        super().__init__(batch_generator(model, settings, device=device, dtype=dtype,
+                                         attn_implementation=attn_implementation),
+                         max_new_tokens=max_new_tokens, root=root)

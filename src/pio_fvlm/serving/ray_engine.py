@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .core import ChatAnswer, ChatRequest, TokenCallback
-from .server import DEMO_NAME, check_settings, load_model
+from .server import DEMO_NAME, batch_generator, check_settings
 
 APP_NAME = "pio-fvlm"
 
@@ -39,9 +39,7 @@ def deployment(model: str, settings: dict[str, Any] | None, *, device: str, dtyp
     """The bound Ray Serve application: ``replicas`` copies of the pruned model behind the app."""
     from ray import serve
 
-    from ..api import wrap
     from .app import build_app
-    from .core import BatchGenerator
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_gpus": num_gpus_per_replica,
                                                                      "num_cpus": num_cpus_per_replica},
@@ -50,11 +48,8 @@ def deployment(model: str, settings: dict[str, Any] | None, *, device: str, dtyp
     @serve.ingress()
     class PrunedVLM:
         def __init__(self) -> None:
-            loaded, processor = load_model(model, device=device, dtype=dtype,
-                                           attn_implementation=attn_implementation)
-            if settings is not None:
-                wrap(loaded, **settings)
-            self.generator = BatchGenerator(loaded, processor)
+            self.generator = batch_generator(model, settings, device=device, dtype=dtype,
+                                             attn_implementation=attn_implementation)
             batched: Any = self._answer_batch  # serve.batch's wrapper: its limits are set per deployment
             batched.set_max_batch_size(max_batch_size)
             batched.set_batch_wait_timeout_s(batch_wait_ms / 1000)

@@ -89,9 +89,8 @@ def serve(model: str = DEMO_NAME, settings: dict[str, Any] | None = None, *, hos
         raise ImportError("serving needs FastAPI, Uvicorn and openai: pip install 'pio-fvlm[serve]'")
     import uvicorn
 
-    batcher = DynamicBatcher(BatchGenerator(*_loaded_and_wrapped(model, settings, device, dtype,
-                                                                 attn_implementation)),
-                             max_batch_size=max_batch_size, wait_ms=batch_wait_ms)
+    generator = batch_generator(model, settings, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    batcher = DynamicBatcher(generator, max_batch_size=max_batch_size, wait_ms=batch_wait_ms)
     server = uvicorn.Server(uvicorn.Config(build_app(batcher.answer, model), host=host, port=port, log_level=log_level))
     if block:
         try:
@@ -106,9 +105,11 @@ def serve(model: str = DEMO_NAME, settings: dict[str, Any] | None = None, *, hos
     return RunningServer(server, thread, batcher)
 
 
-def _loaded_and_wrapped(model: str, settings: dict[str, Any] | None, device: str, dtype: str,
-                        attn_implementation: str | None) -> tuple[Any, Any]:
+def batch_generator(model: str, settings: dict[str, Any] | None, *, device: str = "auto", dtype: str = "auto",
+                    attn_implementation: str | None = None) -> BatchGenerator:
+    """The batched-generation core over ``model`` loaded (see :func:`load_model`) and wrapped with
+    the :func:`~pio_fvlm.wrap` keywords ``settings`` (``None``: unpruned)."""
     loaded, processor = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation)
     if settings is not None:
         wrap(loaded, **settings)
-    return loaded, processor
+    return BatchGenerator(loaded, processor)
