@@ -46,8 +46,7 @@ import torch
 from torch import nn
 
 import pio_fvlm
-from pio_fvlm.measure import synchronize, timed
-from pio_fvlm.testing import layer_lengths
+from pio_fvlm.measure import layer_lengths, synchronize, timed
 
 QWEN_FULL_GRID = (1, 48, 48)  # a 672 x 672 image: 2,304 patches, 576 tokens after the 2 x 2 merge
 QWEN_SMALL_GRID = (1, 8, 8)
@@ -59,11 +58,13 @@ def build(name: str, small: bool, dtype: torch.dtype, device: str) -> nn.Module:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from pio_fvlm.bench import miniature_llava, random_llava15_7b
-    from pio_fvlm.testing import build_on_device, qwen2_5_vl_7b_config, tiny_vlm
+    from pio_fvlm.bench_models import miniature_qwen2_5_vl
+    from pio_fvlm.checkpoint_configs import build_on_device, qwen2_5_vl_7b_config
 
     torch.manual_seed(0)
     if small:
-        model = miniature_llava(num_layers=4) if name == "llava-1.5-7b" else tiny_vlm("qwen2_5_vl", num_layers=4)
+        model = (miniature_llava(num_layers=4) if name == "llava-1.5-7b"
+                 else miniature_qwen2_5_vl("sdpa", dtype, num_layers=4, hidden=64))
         return model.to(device=device, dtype=dtype).eval()
     if name == "llava-1.5-7b":
         return random_llava15_7b("sdpa", dtype, device)

@@ -1,9 +1,9 @@
-"""Offline quickstart: wrap a tiny random LLaVA-1.5-shaped model and generate.
+"""Offline quickstart: wrap a random LLaVA-1.5-shaped model and generate.
 
     python examples/quickstart.py
 
-No download: the model is built from a config (576 visual tokens per image, like LLaVA-1.5)
-with random weights, so the answers are gibberish; the point is the mechanics: one line to
+No download: the model is the benchmark's LLaVA-1.5 miniature (576 visual tokens per image,
+8 layers here) with random weights, so the answers are gibberish; the point is the mechanics: one line to
 wrap, `generate` as always, which tokens were kept, and the time saved in prefill.
 For a real checkpoint see the README.
 """
@@ -15,7 +15,7 @@ import time
 import torch
 
 import pio_fvlm
-from pio_fvlm.testing import Prompt, make_batch, tiny_llava
+from pio_fvlm.bench_models import IMAGE_TOKEN_ID, SHAPES, miniature_llava, shape_inputs
 
 
 def prefill_seconds(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int = 5) -> float:
@@ -30,10 +30,9 @@ def prefill_seconds(model: torch.nn.Module, inputs: dict[str, torch.Tensor], rep
 
 def main() -> None:
     torch.manual_seed(0)
-    model = tiny_llava(image_size=336, patch_size=14, num_layers=8, hidden_size=256, intermediate_size=688,
-                       num_heads=8, num_kv_heads=8, vocab_size=1000)
-    inputs = make_batch(model, [Prompt(before=[5, 6, 7], after=list(range(20, 60)))])
-    n_visual = int((inputs["input_ids"] == 3).sum())
+    model = miniature_llava(num_layers=8, hidden=256)
+    inputs = shape_inputs(model, SHAPES["miniature"], batch=1, text_tokens=45)
+    n_visual = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
     full_time = prefill_seconds(model, inputs)
     full_answer = model.generate(**inputs, max_new_tokens=8, do_sample=False)
 

@@ -7,7 +7,7 @@ import torch
 
 from flash_attn_standin import flash_attention_2_standin, use_flash_attention_2
 from helpers import SERVING_BUDGET
-from pio_fvlm.testing import FAMILIES, tiny_llava, tiny_vlm
+from tiny_models import FAMILIES, tiny_llava, tiny_vlm
 
 torch.set_num_threads(2)
 

@@ -10,8 +10,9 @@ from types import ModuleType
 
 import torch
 
+from pio_fvlm.measure import layer_lengths  # noqa: F401
 from pio_fvlm.select import SelectionRequest, select_with_nms
-from pio_fvlm.testing import FAMILIES, VIDEO_FAMILIES, Prompt, layer_lengths, make_batch, tiny_llava, tiny_vlm  # noqa: F401
+from tiny_models import FAMILIES, VIDEO_FAMILIES, Prompt, make_batch, tiny_llava, tiny_vlm  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,7 @@ GREEDY = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4]
 
 def assert_batch_equals_alone(model, prompts, batch, gen=GREEDY) -> None:
     """The wrapped model's batched generate equals each sample generated alone."""
-    from pio_fvlm.testing import split_batch
+    from tiny_models import split_batch
 
     out = model.generate(**batch, **gen)
     length = batch["input_ids"].shape[1]

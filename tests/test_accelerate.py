@@ -7,7 +7,7 @@ import torch
 
 import pio_fvlm
 from helpers import standard_batch
-from pio_fvlm.testing import FAMILIES, tiny_vlm
+from tiny_models import FAMILIES, tiny_vlm
 
 GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
 

@@ -10,7 +10,7 @@ import torch
 
 import pio_fvlm
 from helpers import standard_batch
-from pio_fvlm.testing import tiny_vlm
+from tiny_models import tiny_vlm
 
 
 def _kept(model, inputs):
@@ -137,7 +137,7 @@ def test_visual_token_counts_follow_the_adapters_ids():
     """One count for the CLI, the benchmark and the runtime: images and videos (OneVision), per row."""
     from helpers import n_visual
     from pio_fvlm.models import visual_token_counts
-    from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
+    from tiny_models import Prompt, make_batch, tiny_vlm
 
     model = tiny_vlm("llava_onevision")
     batch = make_batch(model, [Prompt([5], [9, 10], videos=1), Prompt([5, 6], [9], images=2)])

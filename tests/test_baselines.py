@@ -13,7 +13,7 @@ from pio_fvlm.select.baselines import (
     RandomSelector,
     UniformSelector,
 )
-from pio_fvlm.testing import tiny_llava
+from tiny_models import tiny_llava
 
 GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
 
@@ -94,7 +94,7 @@ def test_attention_rows_equal_the_layers_own_attention_weights(family):
     """What FastV ranks by, recomputed from the layer's projections, equals the eager layer's own
     attention weights (rotary, grouped heads, Qwen's biases, Qwen3's q/k norms)."""
     from pio_fvlm.select.baselines import attention_rows
-    from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
+    from tiny_models import Prompt, make_batch, tiny_vlm
 
     model = tiny_vlm(family, attn_implementation="eager", seed=9)
     batch = make_batch(model, [Prompt([5, 6], [9, 10, 11, 12], size=1)])

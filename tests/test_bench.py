@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pio_fvlm import bench
-from pio_fvlm.testing import llava15_7b_config
+from pio_fvlm.checkpoint_configs import llava15_7b_config
 
 
 def test_bench_runs_and_reports_exact_cache_and_flop_ratios(tmp_path):

@@ -6,7 +6,7 @@ import torch
 import pio_fvlm
 from pio_fvlm import bench
 from pio_fvlm.bench_models import SHAPES, shape_inputs, visual_token_id
-from pio_fvlm.testing import layer_lengths
+from pio_fvlm.measure import layer_lengths
 
 CPU_SHAPES = {"miniature": 576, "llava-672": 2304, "llava-next": 2928, "qwen2.5-vl-1344": 2304,
               "qwen2.5-vl-video": 4096, "llava-onevision": 7371, "internvl-7-tiles": 1792,

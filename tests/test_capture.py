@@ -7,8 +7,8 @@ import pio_fvlm
 from helpers import standard_batch
 from pio_fvlm.select import capture
 from pio_fvlm.select.closed_form import closed_form_saliency
-from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
 from test_selection import _probe_inputs
+from tiny_models import Prompt, make_batch, tiny_vlm
 
 
 def _graphs() -> int:

@@ -7,8 +7,8 @@ import pio_fvlm
 from helpers import standard_batch
 from pio_fvlm.select.closed_form import closed_form_saliency, supports_closed_form
 from pio_fvlm.select.saliency import ProbeInputs, ProbeModules, fast_saliency, full_layer_saliency
-from pio_fvlm.testing import FAMILIES, Prompt, make_batch, tiny_vlm
 from test_selection import _probe_inputs
+from tiny_models import FAMILIES, Prompt, make_batch, tiny_vlm
 
 
 def _with_host_positions(inp: ProbeInputs) -> ProbeInputs:

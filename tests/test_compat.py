@@ -16,7 +16,7 @@ from torch import nn
 import pio_fvlm
 from pio_fvlm import compat
 from pio_fvlm.select import saliency
-from pio_fvlm.testing import tiny_llava
+from tiny_models import tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
 BY_NAME = {touchpoint.name: touchpoint for touchpoint in compat.TOUCHPOINTS}

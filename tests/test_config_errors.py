@@ -100,7 +100,7 @@ def test_unwrap_unwrapped_model(llava_sdpa):
 
 
 def test_unsupported_attention_backend():
-    from pio_fvlm.testing import tiny_llava
+    from tiny_models import tiny_llava
 
     model = tiny_llava()
     model.config.text_config._attn_implementation = "flex_attention"
@@ -119,7 +119,7 @@ def test_budget_fraction_rounding():
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_compact_positions_refused_for_mrope(family):
-    from pio_fvlm.testing import tiny_vlm
+    from tiny_models import tiny_vlm
 
     model = tiny_vlm(family)
     with pytest.raises(ValueError, match="positions='compact' is not available for Qwen2"):
@@ -134,7 +134,7 @@ def test_supported_model_types():
 def test_budget_above_visual_count_warns_once(llava_sdpa, caplog):
     import logging
 
-    from pio_fvlm.testing import Prompt, make_batch
+    from tiny_models import Prompt, make_batch
 
     inputs = make_batch(llava_sdpa, [Prompt(before=[5], after=[9, 10])])
     pio_fvlm.wrap(llava_sdpa, budget=500)

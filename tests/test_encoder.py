@@ -11,7 +11,7 @@ from helpers import (
     n_visual,
 )
 from pio_fvlm.encoder.visionzip import DOMINANT_SHARE
-from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
+from tiny_models import Prompt, make_batch, tiny_vlm
 
 PROMPTS = [Prompt(before=[5, 6], after=[9, 10, 11, 12]), Prompt(before=[5], after=[9, 10], images=2)]
 
@@ -69,7 +69,7 @@ def test_encoder_mode_errors(model):
 @pytest.mark.parametrize("family, why", [("llava_onevision", "SigLIP tower has no \\[CLS\\]"),
                                          ("internvl", "pixel shuffle"), ("qwen3_vl", "DeepStack")])
 def test_encoder_mode_is_refused_with_the_reason_where_no_score_exists(family, why):
-    from pio_fvlm.testing import tiny_vlm
+    from tiny_models import tiny_vlm
 
     model = tiny_vlm(family)
     with pytest.raises(ValueError, match=why) as refused:

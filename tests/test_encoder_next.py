@@ -12,7 +12,7 @@ from helpers import (
 )
 from pio_fvlm.encoder.next_tiles import tile_patch_map
 from pio_fvlm.encoder.visionzip import split_dominant
-from pio_fvlm.testing import NEXT_IMAGE_SIZES, Prompt, make_batch, tiny_vlm
+from tiny_models import NEXT_IMAGE_SIZES, Prompt, make_batch, tiny_vlm
 
 GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])
 # sizes (30, 60) -> base + 2 tiles, (60, 60) -> base + 4 tiles; 2 x 2 patches per tile

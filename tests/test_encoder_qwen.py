@@ -13,7 +13,7 @@ from helpers import (
 )
 from pio_fvlm.encoder.qwen_windows import merged_window_layout, window_first
 from pio_fvlm.encoder.visionzip import share_budget, split_dominant
-from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
+from tiny_models import Prompt, make_batch, tiny_vlm
 
 # grids (1,6,6) -> 9 tokens in 2 x 2-token windows (4 windows), (1,4,6) -> 6, two images -> 6 + 6
 PROMPTS = [Prompt(before=[5, 6], after=[9, 10, 11, 12], size=2), Prompt(before=[5], after=[9, 10], images=2, size=1)]

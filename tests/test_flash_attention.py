@@ -22,8 +22,8 @@ from flash_attn_standin import (
     use_flash_attention_2,
 )
 from helpers import GREEDY, FixedSelector, assert_batch_equals_alone, standard_batch, standard_prompts
-from pio_fvlm.testing import Prompt, make_batch, tiny_vlm
 from reference import naive_selection
+from tiny_models import Prompt, make_batch, tiny_vlm
 
 ALL_FAMILIES = INVARIANT_FAMILIES
 

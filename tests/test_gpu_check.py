@@ -8,7 +8,7 @@ import pytest
 
 import pio_fvlm
 from helpers import load_script
-from pio_fvlm.testing import tiny_vlm
+from tiny_models import tiny_vlm
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])

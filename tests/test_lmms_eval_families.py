@@ -14,14 +14,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E40
 
 from pio_fvlm import is_wrapped, last_selection, wrap  # noqa: E402
 from pio_fvlm.integrations.lmms_eval import PioFvlm, requests_for  # noqa: E402
-from pio_fvlm.testing import (  # noqa: E402
-    CHAT_ASSISTANT,
-    CHAT_USER,
-    CHECKPOINT_IMAGE_MARKUP,
-    FAMILIES,
-    images_only_processors,
-    tiny_checkpoint,
-)
+from tiny_checkpoints import CHAT_ASSISTANT, CHAT_USER, CHECKPOINT_IMAGE_MARKUP, images_only_processors, tiny_checkpoint  # noqa: E402
+from tiny_models import FAMILIES  # noqa: E402
 
 BUDGET = 3  # below every image's visual-token count (4 to 24 here): every sample is pruned
 NEW_TOKENS = 3

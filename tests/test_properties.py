@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import pio_fvlm
 from helpers import FixedSelector, n_visual
-from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_llava
+from tiny_models import Prompt, make_batch, split_batch, tiny_llava
 
 MODEL = tiny_llava(image_size=56, seed=31)  # 16 visual tokens per image
 GEN = dict(max_new_tokens=3, do_sample=False, suppress_tokens=[0, 1, 2, 3, 4])

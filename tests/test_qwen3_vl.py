@@ -5,7 +5,7 @@ import torch
 
 import pio_fvlm
 from helpers import FixedSelector
-from pio_fvlm.testing import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, Prompt, make_batch, tiny_vlm
+from tiny_models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, Prompt, make_batch, tiny_vlm
 
 # different visual counts and kept sets per row, left padding, images and a video (frames as separate runs)
 PROMPTS = [

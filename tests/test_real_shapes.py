@@ -25,10 +25,7 @@ from transformers import (
 )
 
 import pio_fvlm
-from pio_fvlm.models import adapter_for
-from pio_fvlm.select.closed_form import supports_closed_form
-from pio_fvlm.select.saliency import supports_fast_probe
-from pio_fvlm.testing import (
+from pio_fvlm.checkpoint_configs import (
     CLIP_L_336,
     VICUNA_7B,
     internvl3_8b_config,
@@ -38,6 +35,9 @@ from pio_fvlm.testing import (
     qwen3_vl_8b_config,
     qwen3_vl_30b_a3b_config,
 )
+from pio_fvlm.models import adapter_for
+from pio_fvlm.select.closed_form import supports_closed_form
+from pio_fvlm.select.saliency import supports_fast_probe
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import torch
 
 import pio_fvlm
 from helpers import FixedSelector, layer_lengths, n_visual, standard_batch, standard_prompts, with_cache
-from pio_fvlm.testing import Prompt, make_batch, split_batch, tiny_vlm
+from tiny_models import Prompt, make_batch, split_batch, tiny_vlm
 
 
 def _gen(model, inputs, **kw):

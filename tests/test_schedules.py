@@ -6,7 +6,7 @@ import torch
 import pio_fvlm
 from helpers import FixedSelector, assert_batch_equals_alone, layer_lengths, n_visual, standard_batch, standard_prompts
 from pio_fvlm.schedules import average_budget, preset, schedule_for
-from pio_fvlm.testing import FAMILIES, make_batch, tiny_vlm
+from tiny_models import FAMILIES, make_batch, tiny_vlm
 
 
 def test_average_budget_matches_the_papers_labels():
@@ -195,7 +195,7 @@ class FirstCandidates:
 
 def test_a_later_stage_is_offered_exactly_the_survivors_of_the_one_before():
     """The survivors include the visual token at position 0 (a prompt that starts with its image)."""
-    from pio_fvlm.testing import Prompt
+    from tiny_models import Prompt
 
     model = tiny_vlm("llava", num_layers=4, seed=3)
     inputs = make_batch(model, [Prompt(before=[], after=[9, 10, 11, 12, 13])])

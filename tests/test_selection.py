@@ -13,8 +13,8 @@ from pio_fvlm.select.saliency import (
     proxy_query_positions,
     supports_fast_probe,
 )
-from pio_fvlm.testing import FAMILIES, Prompt, make_batch, tiny_llava, tiny_vlm
 from reference import naive_saliency, naive_selection
+from tiny_models import FAMILIES, Prompt, make_batch, tiny_llava, tiny_vlm
 
 
 def _probe_inputs(model, inputs, layer_index, k=4, include_last=False):

@@ -11,7 +11,7 @@ import pio_fvlm
 from helpers import standard_batch
 from pio_fvlm import PioSelector
 from pio_fvlm.select.baselines import FastVSelector
-from pio_fvlm.testing import tiny_vlm
+from tiny_models import tiny_vlm
 
 SETTINGS = {"nms_threshold": 0.5, "proxy_tokens": 2, "proxy_includes_last": True}
 
@@ -116,7 +116,7 @@ def test_the_runtime_hands_over_the_selectors_proxy_window(padded, includes_last
     """Built on the host when no row is padded, on the device otherwise: the same positions as
     select.saliency.proxy_query_positions."""
     from pio_fvlm.select import proxy_query_positions
-    from pio_fvlm.testing import Prompt, make_batch
+    from tiny_models import Prompt, make_batch
 
     model = tiny_vlm("llava", seed=3)
     prompts = [Prompt(before=[5, 6], after=[9, 10, 11, 12, 13])]

@@ -10,7 +10,7 @@ from conftest import INVARIANT_FAMILIES
 from pio_fvlm import wrap
 from pio_fvlm.serving.client import chat_body
 from pio_fvlm.serving.core import BadRequest, BatchGenerator, ChatAnswer, chat_request_from_openai
-from pio_fvlm.testing import images_only_processors, tiny_checkpoint
+from tiny_checkpoints import images_only_processors, tiny_checkpoint
 
 BUDGET = 3  # below every image's visual-token count here: every request with an image is pruned
 QUESTIONS = [("w1 w2 w3 w4", (40, 40)), ("w5 w6", (50, 120)), ("w7 w8 w9", (120, 60)), ("w10", None)]

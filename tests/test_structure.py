@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 import pio_fvlm
-from pio_fvlm import bench_models, testing, viz
+import tiny_checkpoints
+import tiny_models
+from pio_fvlm import bench_models, viz
 from pio_fvlm.encoder import ENCODER_MODES, NO_ENCODER_MODE
 from pio_fvlm.models import REGISTRY
 
@@ -93,7 +95,8 @@ FAMILY_MAPS = {
     "picture layouts (pio_fvlm.viz.LAYOUTS)": set(viz.LAYOUTS),
     "encoder modes or the reason for none (pio_fvlm.encoder)": set(ENCODER_MODES) | set(NO_ENCODER_MODE),
     "benchmark shapes (pio_fvlm.bench_models.SHAPE_OF_MODEL_TYPE)": set(bench_models.SHAPE_OF_MODEL_TYPE),
-    "tiny checkpoints' tokens (pio_fvlm.testing.CHECKPOINT_SPECIAL_TOKENS)": set(testing.CHECKPOINT_SPECIAL_TOKENS),
+    "tiny checkpoints' tokens (tests/tiny_checkpoints.py CHECKPOINT_SPECIAL_TOKENS)": set(
+        tiny_checkpoints.CHECKPOINT_SPECIAL_TOKENS),
 }
 
 
@@ -107,10 +110,41 @@ def test_a_family_has_an_encoder_mode_or_a_reason_not_both():
 
 
 def test_the_test_families_are_the_registry():
-    assert testing.FAMILIES == tuple(REGISTRY)
-    assert set(testing.VIDEO_FAMILIES) == {t for t, layout in viz.LAYOUTS.items() if layout.videos is not None}
+    assert tiny_models.FAMILIES == tuple(REGISTRY)
+    assert set(tiny_models.VIDEO_FAMILIES) == {t for t, layout in viz.LAYOUTS.items() if layout.videos is not None}
 
 
-@pytest.mark.parametrize("family", testing.FAMILIES)
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
 def test_every_family_has_a_tiny_model_of_its_own_type(family):
-    assert testing.tiny_vlm(family, num_layers=2).config.model_type == family
+    assert tiny_models.tiny_vlm(family, num_layers=2).config.model_type == family
+
+
+# What users run: the package's import, the command line and the lmms-eval plugin (pyproject.toml),
+# the model class the plugin names by its path, and the client docs/serving.md imports.
+ENTRY_MODULES = ("pio_fvlm", "pio_fvlm.cli", "pio_fvlm.integrations.lmms_eval_manifest",
+                 "pio_fvlm.integrations.lmms_eval", "pio_fvlm.serving.client")
+
+
+def reachable(graph: dict[str, set[str]], roots: tuple[str, ...]) -> set[str]:
+    """The modules that importing ``roots`` can load (a module's parent packages included)."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in graph:
+            continue
+        seen.add(name)
+        parents = [name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)]
+        todo += [*graph[name], *parents]
+    return seen
+
+
+def test_every_module_of_the_package_serves_what_users_run():
+    # scaffolding only the tests call lives in tests/ (tiny_models.py, tiny_checkpoints.py, reference.py)
+    graph = import_graph()
+    assert set(graph) - reachable(graph, ENTRY_MODULES) == set()
+
+
+def test_the_reachability_check_finds_an_orphan():
+    graph = {"pkg": {"pkg.a"}, "pkg.a": set(), "pkg.orphan": set(), "pkg.sub": set(), "pkg.sub.b": set()}
+    assert set(graph) - reachable(graph, ("pkg", "pkg.sub.b")) == {"pkg.orphan"}

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 import pio_fvlm
-from pio_fvlm.testing import (
+from pio_fvlm.viz import draw_boxes, draw_selection, kept_flags, token_views
+from tiny_models import (
     FAMILIES,
     NEXT_IMAGE_SIZES,
     ONEVISION_VIDEO_FRAMES,
@@ -18,7 +19,6 @@ from pio_fvlm.testing import (
     make_batch,
     tiny_vlm,
 )
-from pio_fvlm.viz import draw_boxes, draw_selection, kept_flags, token_views
 
 
 def _images_for(model, prompt: Prompt) -> list[Image.Image]:

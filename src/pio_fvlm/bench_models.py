@@ -33,9 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import testing
+from . import checkpoint_configs as real
 from .compat import anyres_patch_count
 
+# The special-token ids of the miniatures (random weights: any ids outside the text ids drawn work).
+VISION_START_ID, VISION_END_ID, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = 1, 2, 3, 4
 TEXT_BEFORE = 5  # text tokens before the visual ones; the rest of --text-tokens comes after
 
 
@@ -75,8 +77,8 @@ def miniature_llava(attn: str = "sdpa", dtype: torch.dtype = torch.float32, num_
 
     torch.manual_seed(0)
     text = LlamaConfig(**_llama_text(hidden, hidden * 43 // 16, 8, 8, num_layers))
-    config = LlavaConfig(vision_config=_clip(image_px), text_config=text, image_token_id=3, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
+    config = LlavaConfig(vision_config=_clip(image_px), text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
     config._attn_implementation = attn
     return LlavaForConditionalGeneration(config).eval().to(dtype)
 
@@ -87,7 +89,7 @@ def miniature_llava_next(attn: str, dtype: torch.dtype, num_layers: int = 32, hi
 
     torch.manual_seed(0)
     config = LlavaNextConfig(vision_config=_clip(336), text_config=LlamaConfig(**_llama_text(
-        hidden, hidden * 43 // 16, 4, 4, num_layers)), image_token_id=3, vision_feature_layer=-2,
+        hidden, hidden * 43 // 16, 4, 4, num_layers)), image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
         vision_feature_select_strategy="default", image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
     config._attn_implementation = attn
     return LlavaNextForConditionalGeneration(config).eval().to(dtype)
@@ -105,9 +107,9 @@ def miniature_qwen2_5_vl(attn: str, dtype: torch.dtype, num_layers: int = 28, hi
     vision = dict(depth=4, hidden_size=64, num_heads=2, in_chans=3, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2, intermediate_size=128, out_hidden_size=hidden, window_size=112,
                   fullatt_block_indexes=[3])
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=testing.IMAGE_TOKEN_ID,
-                              video_token_id=testing.VIDEO_TOKEN_ID, vision_start_token_id=testing.VISION_START_ID,
-                              vision_end_token_id=testing.VISION_END_ID)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
+                              video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=VISION_START_ID,
+                              vision_end_token_id=VISION_END_ID)
     config._attn_implementation = attn
     return Qwen2_5_VLForConditionalGeneration(config).eval().to(dtype)
 
@@ -128,7 +130,7 @@ def miniature_llava_onevision(attn: str, dtype: torch.dtype, num_layers: int = 2
     vision = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                   num_attention_heads=4, image_size=384, patch_size=14)
     config = LlavaOnevisionConfig(vision_config=vision, text_config=_qwen2_text(hidden, num_layers),
-                                  image_token_id=testing.IMAGE_TOKEN_ID, video_token_id=testing.VIDEO_TOKEN_ID,
+                                  image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID,
                                   vision_feature_select_strategy="full", vision_feature_layer=-1)
     config._attn_implementation = attn
     return LlavaOnevisionForConditionalGeneration(config).eval().to(dtype)
@@ -142,7 +144,7 @@ def miniature_internvl(attn: str, dtype: torch.dtype, num_layers: int = 28, hidd
     vision = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                   image_size=[448, 448], patch_size=[14, 14])
     config = InternVLConfig(vision_config=vision, text_config=_qwen2_text(hidden, num_layers),
-                            image_token_id=testing.IMAGE_TOKEN_ID, image_seq_length=256, downsample_ratio=0.5)
+                            image_token_id=IMAGE_TOKEN_ID, image_seq_length=256, downsample_ratio=0.5)
     config._attn_implementation = attn
     return InternVLForConditionalGeneration(config).eval().to(dtype)
 
@@ -160,9 +162,9 @@ def miniature_qwen3_vl(attn: str, dtype: torch.dtype, num_layers: int = 36, hidd
     vision = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
                   temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=2304,
                   deepstack_visual_indexes=[1, 2, 3])
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=testing.IMAGE_TOKEN_ID,
-                           video_token_id=testing.VIDEO_TOKEN_ID, vision_start_token_id=testing.VISION_START_ID,
-                           vision_end_token_id=testing.VISION_END_ID)
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
+                           video_token_id=VIDEO_TOKEN_ID, vision_start_token_id=VISION_START_ID,
+                           vision_end_token_id=VISION_END_ID)
     config._attn_implementation = attn
     return Qwen3VLForConditionalGeneration(config).eval().to(dtype)
 
@@ -171,30 +173,30 @@ def random_qwen3_vl_8b(attn: str, dtype: torch.dtype, device: str, num_layers: i
     """Qwen3-VL-8B-Instruct's real shapes with random weights, built on ``device``."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    config = testing.qwen3_vl_8b_config(text_layers=num_layers)
+    config = real.qwen3_vl_8b_config(text_layers=num_layers)
     config._attn_implementation = attn
     torch.manual_seed(0)
-    return testing.build_on_device(Qwen3VLForConditionalGeneration, config, dtype, device)
+    return real.build_on_device(Qwen3VLForConditionalGeneration, config, dtype, device)
 
 
 def random_llava_onevision_7b(attn: str, dtype: torch.dtype, device: str, num_layers: int = 28) -> nn.Module:
     """llava-onevision-qwen2-7b-ov-hf's real shapes with random weights, built on ``device``."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    config = testing.llava_onevision_7b_config(text_layers=num_layers)
+    config = real.llava_onevision_7b_config(text_layers=num_layers)
     config._attn_implementation = attn
     torch.manual_seed(0)
-    return testing.build_on_device(LlavaOnevisionForConditionalGeneration, config, dtype, device)
+    return real.build_on_device(LlavaOnevisionForConditionalGeneration, config, dtype, device)
 
 
 def random_internvl3_8b(attn: str, dtype: torch.dtype, device: str, num_layers: int = 28) -> nn.Module:
     """InternVL3-8B-hf's real shapes with random weights, built on ``device``."""
     from transformers import InternVLForConditionalGeneration
 
-    config = testing.internvl3_8b_config(text_layers=num_layers)
+    config = real.internvl3_8b_config(text_layers=num_layers)
     config._attn_implementation = attn
     torch.manual_seed(0)
-    return testing.build_on_device(InternVLForConditionalGeneration, config, dtype, device)
+    return real.build_on_device(InternVLForConditionalGeneration, config, dtype, device)
 
 
 # llava-hf/llava-v1.6-vicuna-7b-hf's anyres resolutions
@@ -207,34 +209,34 @@ def random_llava15_7b(attn: str, dtype: torch.dtype, device: str, num_layers: in
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    config = testing.llava15_7b_config(text_layers=num_layers)
+    config = real.llava15_7b_config(text_layers=num_layers)
     config._attn_implementation = attn
-    return testing.build_on_device(LlavaForConditionalGeneration, config, dtype, device)
+    return real.build_on_device(LlavaForConditionalGeneration, config, dtype, device)
 
 
 def random_llava_next_7b(attn: str, dtype: torch.dtype, device: str, num_layers: int = 32) -> nn.Module:
     """LLaVA-NeXT-7B's (llava-v1.6-vicuna-7b) real shapes with random weights, built on ``device``."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-    base = testing.llava15_7b_config(text_layers=num_layers)
+    base = real.llava15_7b_config(text_layers=num_layers)
     config = LlavaNextConfig(vision_config=base.vision_config, text_config=base.text_config,
                              image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
                              image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
     config._attn_implementation = attn
     torch.manual_seed(0)
-    return testing.build_on_device(LlavaNextForConditionalGeneration, config, dtype, device)
+    return real.build_on_device(LlavaNextForConditionalGeneration, config, dtype, device)
 
 
 def random_qwen2_5_vl_7b(attn: str, dtype: torch.dtype, device: str, num_layers: int | None = None) -> nn.Module:
     """Qwen2.5-VL-7B-Instruct's real shapes with random weights, built on ``device``."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    config = testing.qwen2_5_vl_7b_config()
+    config = real.qwen2_5_vl_7b_config()
     if num_layers:
         config.text_config.num_hidden_layers = num_layers
     config._attn_implementation = attn
     torch.manual_seed(0)
-    return testing.build_on_device(Qwen2_5_VLForConditionalGeneration, config, dtype, device)
+    return real.build_on_device(Qwen2_5_VLForConditionalGeneration, config, dtype, device)
 
 
 def _cpu(build: Callable[..., nn.Module]) -> Callable[[str, torch.dtype, str, int | None], nn.Module]:
@@ -302,7 +304,7 @@ def shape_inputs(model: nn.Module, shape: Shape, batch: int, text_tokens: int = 
         side = cfg.vision_config.image_size[0]
         out["pixel_values"] = torch.randn(batch * shape.tiles, 3, side, side, generator=g)
         n_visual = shape.tiles * int(cfg.image_seq_length)
-        before, after = [testing.VISION_START_ID], [testing.VISION_END_ID]  # <img> ... </img>
+        before, after = [VISION_START_ID], [VISION_END_ID]  # <img> ... </img>
     elif shape.visual in ("next-image", "onevision-image"):
         image_size_to_num_patches = anyres_patch_count("llava_next")
         size = (shape.image_px, shape.image_px)

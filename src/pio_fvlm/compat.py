@@ -280,9 +280,9 @@ TOUCHPOINTS: tuple[Touchpoint, ...] = (
     Touchpoint("config._attn_implementation", "which attention backend the model runs",
                ("runtime.masks",), _check_attention_setting),
     Touchpoint("anyres view count", "views of an anyres image, for the test models and the benchmark's inputs",
-               ("testing", "bench_models"), _check_anyres_patch_count),
+               ("bench_models", "tests/tiny_models.py"), _check_anyres_patch_count),
     Touchpoint("video processor classes", "test models' processors built without torchvision",
-               ("testing",), _check_video_processor_internals),
+               ("tests/tiny_checkpoints.py",), _check_video_processor_internals),
     Touchpoint("generate streamer", "the server streams each batched row's text as it is generated",
                ("serving.core",), _check_streamer),
 )

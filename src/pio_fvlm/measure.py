@@ -1,4 +1,5 @@
-"""Measurement helpers: KV-cache bytes, theoretical FLOPs, synchronised timing, selector timing."""
+"""Measurement helpers: KV-cache bytes, theoretical FLOPs, synchronised timing, selector timing, the
+sequence length each decoder layer receives."""
 
 from __future__ import annotations
 
@@ -194,3 +195,23 @@ class TimedSelector:
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return out
+
+
+@contextmanager
+def layer_lengths(model: Any) -> Iterator[dict[int, int]]:
+    """Records the sequence length each decoder layer of ``model.model.language_model`` receives
+    (registered after pio_fvlm's hooks, so it sees what the layer really gets). Yields
+    {layer index: length}, filled by the forward calls inside the block. ``model``: a transformers
+    VLM (``model.model.language_model.layers``)."""
+    seen: dict[int, int] = {}
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
+        )
+        for i, layer in enumerate(model.model.language_model.layers)
+    ]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

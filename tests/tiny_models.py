@@ -1,18 +1,14 @@
-"""Tiny random models and inputs built from configs (no downloads), for tests and benchmarks.
+"""Tiny random models and inputs built from configs (no downloads), for the tests.
 
 ``tiny_vlm(family)`` builds a random model of one supported family with the real class;
 ``make_batch(model, prompts)`` builds processor-like inputs (ids, padding mask, pixels, and the
-family's extra tensors) for a list of :class:`Prompt`; ``tiny_checkpoint(family, folder)`` saves a
-tiny model with a matching processor, loadable like a real checkpoint.
+family's extra tensors) for a list of :class:`Prompt`; ``split_batch`` takes one sample of such a
+batch alone. Checkpoints with a processor are in ``tiny_checkpoints.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -33,9 +29,9 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from .compat import anyres_patch_count, video_processor_internals
-from .models import REGISTRY
-from .viz import LAYOUTS
+from pio_fvlm.compat import anyres_patch_count
+from pio_fvlm.models import REGISTRY
+from pio_fvlm.viz import LAYOUTS
 
 # Every registered family (config.model_type), and those whose prompts may hold videos: both
 # follow the registry, so a newly registered family runs every test that loops over them (and
@@ -55,137 +51,6 @@ QWEN_IMAGE_GRIDS = ((1, 4, 4), (1, 4, 6), (1, 6, 6))  # (t, h, w) patches -> 4, 
 QWEN_VIDEO_GRID = (2, 4, 4)  # 8 tokens
 ONEVISION_VIDEO_FRAMES = 4  # pooled to one token each, then one newline: 5 tokens
 INTERNVL_TILES = (1, 2, 3)  # tiles per image by Prompt.size (4 tokens each after pixel shuffle)
-
-
-# llava-hf/llava-1.5-7b-hf's config.json values: CLIP-L/336 tower and Vicuna-7B language model.
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14, projection_dim=768)
-VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5)
-
-
-def llava15_7b_config(text_layers: int = 32, vision_layers: int = 24) -> LlavaConfig:
-    """LLaVA-1.5-7B's configuration (576 visual tokens, 32 x 4096 LM), optionally shallower."""
-    return LlavaConfig(
-        vision_config=CLIPVisionConfig(**{**CLIP_L_336, "num_hidden_layers": vision_layers}),
-        text_config=LlamaConfig(**{**VICUNA_7B, "num_hidden_layers": text_layers}),
-        image_token_id=32000,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-
-
-def qwen2_5_vl_7b_config() -> Qwen2_5_VLConfig:
-    """Qwen/Qwen2.5-VL-7B-Instruct's configuration (config.json values): a 32-layer window-attention
-    tower of width 1280 and a 28 x 3584 Qwen2 LM with 4 key-value heads."""
-    return Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
-                         rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                                          "rope_theta": 1000000.0}),
-        vision_config=dict(depth=32, hidden_size=1280, out_hidden_size=3584, intermediate_size=3420, num_heads=16,
-                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    )
-
-
-# Qwen2-7B / Qwen2.5-7B widths: the language models of LLaVA-OneVision-7B and InternVL3-8B.
-QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6)
-
-
-def llava_onevision_7b_config(text_layers: int = 28, vision_layers: int = 26) -> LlavaOnevisionConfig:
-    """llava-hf/llava-onevision-qwen2-7b-ov-hf's configuration: SigLIP-so400m at 384 px (27 x 27 = 729
-    tokens per view), anyres up to 9 crops, a 28 x 3584 Qwen2 LM; optionally shallower."""
-    return LlavaOnevisionConfig(
-        vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                           num_hidden_layers=vision_layers, num_attention_heads=16, image_size=384, patch_size=14),
-        text_config=dict(model_type="qwen2", **{**QWEN2_7B, "num_hidden_layers": text_layers}, vocab_size=152128,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-        image_token_id=151646, video_token_id=151647, vision_feature_select_strategy="full", vision_feature_layer=-1,
-    )
-
-
-def internvl3_8b_config(text_layers: int = 28, vision_layers: int = 24) -> InternVLConfig:
-    """OpenGVLab/InternVL3-8B-hf's configuration: InternViT-300M at 448 px, pixel shuffle to 256 tokens
-    per tile, a 28 x 3584 Qwen2.5 LM with tied embeddings; optionally shallower."""
-    return InternVLConfig(
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
-                           num_attention_heads=16, image_size=[448, 448], patch_size=[14, 14]),
-        text_config=dict(model_type="qwen2", **{**QWEN2_7B, "num_hidden_layers": text_layers}, vocab_size=151674,
-                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0}),
-        image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, vision_feature_layer=-1,
-        tie_word_embeddings=True,
-    )
-
-
-def qwen3_vl_8b_config(text_layers: int = 36, vision_layers: int = 27) -> Any:
-    """Qwen/Qwen3-VL-8B-Instruct's configuration: a 27-block tower (patch 16, 2 x 2 merge, DeepStack
-    taps at blocks 8, 16, 24) and a 36 x 4096 Qwen3 LM (q/k norms, 8 KV heads, interleaved M-RoPE)."""
-    from transformers import Qwen3VLConfig
-
-    taps = [i for i in (8, 16, 24) if i < vision_layers] or [0]
-    return Qwen3VLConfig(
-        text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=text_layers,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                         max_position_embeddings=262144, rope_parameters={
-                             "rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True,
-                             "rope_theta": 5000000.0}),
-        vision_config=dict(depth=vision_layers, hidden_size=1152, intermediate_size=4304, num_heads=16,
-                           out_hidden_size=4096, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                           num_position_embeddings=2304, deepstack_visual_indexes=taps),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    )
-
-
-def qwen3_vl_30b_a3b_config() -> Any:
-    """Qwen/Qwen3-VL-30B-A3B-Instruct's configuration: the same tower, a 48 x 2048 Qwen3-MoE LM
-    (128 experts, 8 per token, expert width 768)."""
-    from transformers import Qwen3VLMoeConfig
-
-    return Qwen3VLMoeConfig(
-        text_config=dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-                         num_experts_per_tok=8, num_hidden_layers=48, num_attention_heads=32,
-                         num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
-                         rope_parameters={"rope_type": "default", "mrope_section": [24, 20, 20],
-                                          "mrope_interleaved": True, "rope_theta": 5000000.0}),
-        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                           deepstack_visual_indexes=[8, 16, 24]),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    )
-
-
-def build_on_device(cls: type[nn.Module], config: object, dtype: torch.dtype, device: str) -> nn.Module:
-    """``cls(config)`` in eval mode, its random weights created directly on ``device`` in ``dtype``
-    (a 7B model in bf16 on a GPU without a CPU copy; ``"meta"`` for shapes only)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
-
-
-@contextmanager
-def layer_lengths(model: nn.Module) -> Iterator[dict[int, int]]:
-    """Records the sequence length each decoder layer of ``model.model.language_model`` receives
-    (registered after pio_fvlm's hooks, so it sees what the layer really gets). Yields
-    {layer index: length}, filled by the forward calls inside the block."""
-    seen: dict[int, int] = {}
-    handles = [
-        layer.register_forward_pre_hook(
-            lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
-        )
-        for i, layer in enumerate(model.model.language_model.layers)
-    ]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _text_config(num_layers: int, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int,
@@ -545,170 +410,3 @@ def split_batch(model: nn.Module, prompts: list[Prompt], batch: dict[str, torch.
 
 
 # --- checkpoints with a processor ----------------------------------------------------------------
-
-# What each family's processor writes at the ids the tiny models use: (vision start, vision end,
-# image, video). Unused slots get placeholder names.
-CHECKPOINT_SPECIAL_TOKENS = {
-    "llava": ("<unused1>", "<unused2>", "<image>", "<unused4>"),
-    "llava_next": ("<unused1>", "<unused2>", "<image>", "<unused4>"),
-    "llava_onevision": ("<unused1>", "<unused2>", "<image>", "<video>"),
-    "qwen2_vl": ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
-    "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
-    "qwen3_vl": ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
-    "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"),
-    "internvl": ("<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
-}
-# The text the chat template writes for one image part (the processor expands it).
-CHECKPOINT_IMAGE_MARKUP = {
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
-    "internvl": "<IMG_CONTEXT>",
-}
-CHAT_USER, CHAT_ASSISTANT = "USER:", "ASSISTANT:"  # the chat template's turn markers (words of the vocabulary)
-CHECKPOINT_WORDS = 100  # plain words "w0" ... "w99" follow the special tokens and the markers
-
-
-def checkpoint_chat_template(family: str) -> str:
-    """A one-line chat template: ``USER: <image markup> TEXT ASSISTANT:`` (each image part becomes
-    the family's markup and a space; each assistant turn `` ASSISTANT: TEXT ``)."""
-    markup = CHECKPOINT_IMAGE_MARKUP.get(family, "<image>")
-    return (
-        "{%- for message in messages -%}"
-        f"{{{{ '{CHAT_USER} ' if message['role'] == 'user' else ' {CHAT_ASSISTANT} ' }}}}"
-        "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
-        "{%- for part in message['content'] -%}"
-        f"{{%- if part['type'] == 'image' -%}}{{{{ '{markup} ' }}}}"
-        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-        "{%- endfor -%}{%- endif -%}{%- endfor -%}"
-        f"{{%- if add_generation_prompt -%}}{{{{ ' {CHAT_ASSISTANT}' }}}}{{%- endif -%}}"
-    )
-
-
-def _no_video_processor() -> Any:
-    """A video processor that handles no videos: it needs no torchvision (the real ones do)."""
-    _, VideoProcessorMixin, _ = video_processor_internals()
-
-    class NoVideoProcessor(VideoProcessorMixin):
-        """Stands in for the family's video processor: image requests only."""
-
-    return NoVideoProcessor()
-
-
-@contextmanager
-def images_only_processors() -> Iterator[None]:
-    """Inside the block, processors that own a video processor (Qwen-VL, LLaVA-OneVision, InternVL)
-    can be built and loaded by ``AutoProcessor`` with a stand-in that handles no videos.
-
-    Without torchvision transformers can neither build these processors (checking the video
-    processor's class looks it up in a torchvision-only mapping: ``AttributeError: type object
-    'VIDEO_PROCESSOR_MAPPING' has no attribute '_extra_content'``) nor load them
-    (``AutoVideoProcessor``: ``ValueError: ... requires `torchvision` to be installed``). The block
-    lets an image-processor object pass that class check and makes ``AutoVideoProcessor`` return
-    the stand-in; tokenizer, image processor and processor class load as for a real checkpoint.
-    Used with torchvision too, so that the checkpoints are the same everywhere.
-    """
-    pu, _, AutoVideoProcessor = video_processor_internals()  # the real class, not a dummy
-
-    base = pu.MODALITY_TO_BASE_CLASS_MAPPING["video_processor"]
-    loader = AutoVideoProcessor.__dict__["from_pretrained"]
-    pu.MODALITY_TO_BASE_CLASS_MAPPING["video_processor"] = "ImageProcessingMixin"
-    AutoVideoProcessor.from_pretrained = classmethod(lambda cls, *args, **kwargs: _no_video_processor())
-    try:
-        yield
-    finally:
-        pu.MODALITY_TO_BASE_CLASS_MAPPING["video_processor"] = base
-        AutoVideoProcessor.from_pretrained = loader
-
-
-def _checkpoint_tokenizer(family: str) -> Any:
-    """A whitespace word-level tokenizer whose special tokens sit at the tiny models' ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    start, end, image, video = CHECKPOINT_SPECIAL_TOKENS[family]
-    fixed = {"<pad>": PAD_TOKEN_ID, start: VISION_START_ID, end: VISION_END_ID, image: IMAGE_TOKEN_ID,
-             video: VIDEO_TOKEN_ID}
-    names = ["<unk>", CHAT_USER, CHAT_ASSISTANT] + [f"w{i}" for i in range(CHECKPOINT_WORDS)]
-    free = (i for i in range(1000) if i not in fixed.values())
-    vocab = {**fixed, **{name: next(free) for name in names}}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    named = {"start_image_token": start, "end_image_token": end, "context_image_token": image,
-             "video_token": video} if family == "internvl" else {}  # InternVLProcessor reads these attributes
-    # right padding, transformers' default: batched generation must set left padding itself
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-                                        padding_side="right", extra_special_tokens=named)
-    tokenizer.add_special_tokens({"additional_special_tokens": [start, end, image, video]})
-    return tokenizer
-
-
-def _checkpoint_processor(family: str, model: nn.Module) -> Any:
-    """The family's processor (PIL image processor) sized for ``model``'s vision tower."""
-    import transformers as tf
-
-    tokenizer = _checkpoint_tokenizer(family)
-    vision = model.config.vision_config
-    template = checkpoint_chat_template(family)
-    pinpoints = getattr(model.config, "image_grid_pinpoints", None)
-    if family == "llava":
-        side = vision.image_size  # CLIP: resize the short side, centre crop: one view, (side / patch)^2 tokens
-        images = tf.CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-        return tf.LlavaProcessor(images, tokenizer, patch_size=vision.patch_size, chat_template=template,
-                                 vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    if family == "llava_next":  # anyres: a base view plus the crops of the best pinpoint
-        side = vision.image_size
-        images = tf.LlavaNextImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
-                                               image_grid_pinpoints=pinpoints)
-        return tf.LlavaNextProcessor(images, tokenizer, patch_size=vision.patch_size, chat_template=template,
-                                     vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    if family == "llava_onevision":
-        side = vision.image_size
-        images = tf.LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
-                                                    image_grid_pinpoints=pinpoints)
-        return tf.LlavaOnevisionProcessor(images, tokenizer, _no_video_processor(), chat_template=template,
-                                          num_image_tokens=(side // vision.patch_size) ** 2,
-                                          vision_feature_select_strategy="full")
-    if family == "internvl":  # tiles of the tower's size (up to 3, plus a thumbnail when more than one)
-        side = vision.image_size[0]
-        images = tf.GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True,
-                                             min_patches=1, max_patches=3)
-        return tf.InternVLProcessor(images, tokenizer, _no_video_processor(), chat_template=template,
-                                    image_seq_length=model.config.image_seq_length)
-    # Qwen-VL: resized to multiples of patch * merge with 4 x 4 to 8 x 8 patches (4 to 16 tokens);
-    # "shortest_edge" / "longest_edge" are the least and most pixels
-    unit = vision.patch_size
-    mean_std = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if family.startswith("qwen3_vl") else {}
-    images = tf.Qwen2VLImageProcessorPil(patch_size=unit, merge_size=vision.spatial_merge_size,
-                                         temporal_patch_size=vision.temporal_patch_size,
-                                         size={"shortest_edge": (4 * unit) ** 2, "longest_edge": (8 * unit) ** 2},
-                                         **mean_std)
-    cls = {"qwen2_vl": tf.Qwen2VLProcessor, "qwen2_5_vl": tf.Qwen2_5_VLProcessor,
-           "qwen3_vl": tf.Qwen3VLProcessor, "qwen3_vl_moe": tf.Qwen3VLProcessor}[family]
-    return cls(images, tokenizer, _no_video_processor(), chat_template=template)
-
-
-def tiny_checkpoint(family: str, folder: str | Path, *, num_layers: int = 4, seed: int = 0) -> Path:
-    """Saves ``tiny_vlm(family)`` and a matching processor into ``folder`` (created); returns it.
-
-    ``AutoModelForImageTextToText`` and ``AutoProcessor`` load the folder like a real checkpoint
-    (load the processor inside :func:`images_only_processors`). The tokenizer splits on
-    whitespace: special tokens at the model's ids (:data:`CHECKPOINT_SPECIAL_TOKENS`), ``USER:``,
-    ``ASSISTANT:``, words ``w0`` ... ``w99``. The chat template is
-    :func:`checkpoint_chat_template`; the PIL image processor gives pixels the tower takes, and
-    images of other sizes give other visual-token counts (except LLaVA-1.5: one view). The language
-    model's query and key weights are scaled by 10: at the default initialisation every query
-    attends almost uniformly, so answers would hardly depend on positions or on the tokens kept.
-    """
-    folder = Path(folder)
-    model = tiny_vlm(family, num_layers=num_layers, seed=seed)
-    with torch.no_grad():
-        for name, weight in model.model.language_model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                weight.mul_(10.0)
-    with images_only_processors():
-        processor = _checkpoint_processor(family, model)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
