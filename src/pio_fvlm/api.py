@@ -1,4 +1,4 @@
-"""The public entry points: wrap, unwrap, last_selection."""
+"""The public entry points: wrap, unwrap, pruned, describe, get_config, last_selection."""
 
 from __future__ import annotations
 
@@ -11,12 +11,9 @@ from torch import nn
 
 from .compat import warn_if_untested_versions
 from .config import Budget, PruneConfig
-from .encoder import check_encoder_settings, install_encoder
-from .models import adapter_for
+from .planning import PruningPlan, plan_pruning, settings_from
 from .runtime import Runtime, RuntimeInfo
-from .runtime.masks import check_attention_backend
-from .schedules import normalize_schedule
-from .select import PioSelector, Selector
+from .select import Selector
 
 _RUNTIME_ATTR = "_pio_fvlm_runtime"
 M = TypeVar("M", bound=nn.Module)
@@ -64,7 +61,10 @@ def wrap(
     ``selector=`` swaps the token choice (for baselines and tests); by default it is
     ``PioSelector(nms_threshold, proxy_tokens, proxy_includes_last, probe)`` built from those
     keywords. A ``PioSelector`` passed in carries its own method settings: giving those keywords
-    too is an error, and :func:`get_config` reports the selector's.
+    too is an error, and :func:`get_config` reports the selector's. ``layer=0`` is allowed for a
+    selector that reads no hidden states (``UniformSelector``, ``RandomSelector``).
+    The settings are checked and planned by :func:`pio_fvlm.planning.plan_pruning` (which changes
+    nothing), then the runtime built from the plan is installed.
     """
     warn_if_untested_versions()
     keywords = {
@@ -79,91 +79,19 @@ def wrap(
         "encoder_budget": encoder_budget,
         "capture": capture,
     }
-    given = {k: v for k, v in keywords.items() if v is not _UNSET}
-    if preset is not None:
-        from .schedules import preset as named_schedule
-
-        if "schedule" in given:
-            raise ValueError("pass either preset= or schedule=, not both")
-        given["schedule"] = named_schedule(preset)
-    if given.get("schedule") is not None and ({"budget", "layer"} & set(given)):
-        raise ValueError(
-            "schedule= (or preset=) replaces budget= and layer=: pass either a schedule or a budget and a layer"
-        )
-    if config is not None:
-        if not isinstance(config, PruneConfig):
-            raise TypeError(f"config must be a pio_fvlm.PruneConfig; got {type(config).__name__}")
-        if given:
-            raise ValueError(
-                f"pass the settings either as keywords or as config=PruneConfig(...), not both "
-                f"(got config and {sorted(given)}); use config.replace({', '.join(given)}=...) instead"
-            )
-    else:
-        config = PruneConfig(**given)  # type: ignore[arg-type]
-    adapter = adapter_for(model)
-    parts = adapter.find_parts(model)
-    if preset is not None:  # scaled to this model's depth
-        from .schedules import preset as named_schedule
-
-        config = config.replace(schedule=named_schedule(preset, len(parts.layers)))
-    if config.schedule is not None:
-        config = config.replace(schedule=normalize_schedule(config.schedule, len(parts.layers)))
-    config.validate(len(parts.layers))
-    if config.encoder is not None or config.encoder_budget is not None:
-        check_encoder_settings(config.encoder, config.encoder_budget)
-    if config.positions not in adapter.position_modes:
-        raise ValueError(
-            f"positions={config.positions!r} is not available for {adapter.name}: use one of "
-            f"{adapter.position_modes} (M-RoPE models keep each kept token's 3-D position)"
-        )
-    check_attention_backend(parts.text_config)
-    selector, config = _method_selector(selector, config, set(given))
-    stages: list[tuple[int, Any]] = list(config.stages())
-    selectors: list[Selector] = [selector] * len(stages)
-    extra_hooks: list[tuple[nn.Module, Any]] = []
-    method_patches: list[tuple[nn.Module, str, Any]] = []
-    if config.encoder is not None:
-        assert config.encoder_budget is not None
-        installed = install_encoder(model, config.encoder_budget)
-        stages.insert(0, (0, installed.budget))
-        selectors.insert(0, installed.selector)
-        extra_hooks.extend(installed.hooks)
-        method_patches.extend(installed.method_patches)
+    settings, given = settings_from({k: v for k, v in keywords.items() if v is not _UNSET}, preset, config)
+    plan = plan_pruning(model, settings, selector, preset=preset, given=given)
     if is_wrapped(model):
         unwrap(model)
-    attach(model, runtime_for(model, parts, config, stages, selectors, extra_hooks, method_patches))
+    attach(model, runtime_for(plan))
     return model
 
 
-_METHOD_SETTINGS = ("nms_threshold", "proxy_tokens", "proxy_includes_last", "capture")
-
-
-def _method_selector(selector: Selector | None, config: PruneConfig, given: set[str]
-                     ) -> tuple[Selector, PruneConfig]:
-    """The selector of every stage, and the config that reports its settings: a ``PioSelector``
-    built from the method's keywords, or the one passed in (whose settings the config then takes)."""
-    if selector is None:
-        return PioSelector(config.nms_threshold, config.proxy_tokens, config.proxy_includes_last,
-                           "captured" if config.capture else "auto"), config
-    if not isinstance(selector, PioSelector):
-        return selector, config  # a baseline or a user's own: the config's settings are what it may read
-    clash = sorted(set(_METHOD_SETTINGS) & given)
-    if clash:
-        raise ValueError(f"the PioSelector passed as selector= has its own {', '.join(clash)}: set "
-                         f"{'them' if len(clash) > 1 else 'it'} there (PioSelector({clash[0]}=...)), not on wrap")
-    return selector, config.replace(nms_threshold=selector.nms_threshold, proxy_tokens=selector.proxy.tokens,
-                                    proxy_includes_last=selector.proxy.includes_last,
-                                    capture=selector.probe == "captured")
-
-
-def runtime_for(model: nn.Module, parts: Any, config: PruneConfig, stages: list[tuple[int, Any]],
-                selectors: list[Selector], extra_hooks: Sequence[tuple[nn.Module, Any]] = (),
-                method_patches: Sequence[tuple[nn.Module, str, Any]] = ()) -> Runtime:
-    """The runtime of ``model``'s pruning, built in one step: the given hooks and stand-ins plus the
-    model family's own (methods of the model that must follow the pruning, e.g. Qwen3-VL's DeepStack)."""
-    family = adapter_for(model).method_patches
-    return Runtime(parts, config, stages, selectors, extra_hooks=extra_hooks, method_patches=method_patches,
-                   family_patches=None if family is None else (lambda runtime: family(model, runtime)))
+def runtime_for(plan: PruningPlan) -> Runtime:
+    """The runtime of a plan (:func:`pio_fvlm.planning.plan_pruning`), built in one step."""
+    return Runtime(plan.parts, plan.config, [(s.layer, s.budget) for s in plan.stages],
+                   [s.selector for s in plan.stages], extra_hooks=plan.extra_hooks,
+                   method_patches=plan.method_patches, family_patches=plan.family_patches)
 
 
 def attach(model: nn.Module, runtime: Runtime) -> None:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import unwrap, wrap
-from .api import attach, is_wrapped, runtime_for
+from .api import is_wrapped
 from .bench_models import (
     SHAPE_OF_MODEL_TYPE,
     SHAPES,
@@ -47,7 +47,6 @@ from .bench_models import (
     shape_inputs,
 )
 from .compat import output_cache
-from .config import PruneConfig
 from .measure import OpStats, TimedSelector, kv_cache_bytes, pre_hook_seconds, synchronize, timed
 from .models import adapter_for, visual_token_counts
 from .select import PioSelector
@@ -164,8 +163,7 @@ class Bench:
 def prune_before_layer_0(model: nn.Module, budget: int) -> None:
     """The ideal bound: keep ``budget`` evenly spaced visual tokens before decoder layer 0, so that
     every layer runs on text + ``budget`` tokens (undone by :func:`pio_fvlm.unwrap`)."""
-    parts = adapter_for(model).find_parts(model)
-    attach(model, runtime_for(model, parts, PruneConfig(budget=budget), [(0, budget)], [UniformSelector()]))
+    wrap(model, budget=budget, layer=0, selector=UniformSelector())
 
 
 def ratio_by_selection(free_prefill_s: list[float], pio_select_s: list[float], free_select_s: list[float]

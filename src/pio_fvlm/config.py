@@ -16,6 +16,7 @@ Budget = int | float  # what users pass: visual tokens kept (int) or the fractio
 # (the encoder modes' per-sample counts)
 StageBudget = int | float | Callable[[int], int]
 POSITION_MODES = ("keep", "compact")
+DEFAULT_BUDGET, DEFAULT_LAYER = 64, 1  # the authors' setting
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,10 @@ class PruneConfig:
             >= 1 is a count; a ``float`` in (0, 1] is a fraction of each sample's visual tokens
             (rounded half up, at least 1). A sample with fewer visual tokens than the budget
             keeps them all.
+            ``64`` when neither it nor a schedule is given; ``None`` with a schedule.
         layer: the prune point p. Decoder layers ``0..p-1`` see the whole sequence, layers
-            ``p..N-1`` only text plus the kept visual tokens. ``1`` is the authors' setting.
+            ``p..N-1`` only text plus the kept visual tokens. ``1`` is the authors' setting (and
+            the default without a schedule); ``None`` with a schedule.
         nms_threshold: cosine-similarity threshold of the greedy NMS (``0.8`` as the
             authors). ``None`` turns NMS off (plain top-k by saliency).
         proxy_tokens: K, the number of prompt positions whose predictions form the proxy loss.
@@ -36,9 +39,10 @@ class PruneConfig:
             the last valid one); ``True`` uses the last K positions, the last one included.
         positions: ``"keep"``: kept tokens keep their original position ids; ``"compact"``:
             pruned layers renumber the shortened sequence contiguously (the authors' LLaVA code).
-        schedule: multi-stage pruning instead of ``budget``/``layer``: ``((layer, kept), ...)``
-            with strictly increasing layers and non-increasing counts; each stage selects among
-            the survivors of the previous one with its own probe at its layer.
+        schedule: multi-stage pruning instead of ``budget``/``layer`` (giving both is refused):
+            ``((layer, kept), ...)`` with strictly increasing layers and non-increasing counts;
+            each stage selects among the survivors of the previous one with its own probe at its
+            layer.
         encoder: ``"visionzip"`` reduces the visual tokens to ``encoder_budget`` before the
             language model (encoder-involved mode: VisionZip-style on LLaVA-1.5, window-local +
             global on Qwen2-VL / Qwen2.5-VL), then the saliency stages prune on from there.
@@ -50,8 +54,8 @@ class PruneConfig:
             prefill of each bucket compiles (seconds). See :mod:`pio_fvlm.select.capture`.
     """
 
-    budget: Budget = 64
-    layer: int = 1
+    budget: Budget | None = None
+    layer: int | None = None
     nms_threshold: float | None = 0.8
     proxy_tokens: int = 4
     proxy_includes_last: bool = False
@@ -65,37 +69,45 @@ class PruneConfig:
         # numpy and torch scalars (np.int64(64), a 0-d tensor) become the Python numbers they hold
         for name in ("budget", "layer", "nms_threshold", "proxy_tokens", "encoder_budget"):
             object.__setattr__(self, name, plain_number(getattr(self, name)))
+        # the one place the schedule / single-stage rule is checked (wrap's keywords come here too)
+        if self.schedule is not None:
+            if self.budget is not None or self.layer is not None:
+                raise ValueError("schedule= (or preset=) replaces budget= and layer=: pass either a schedule "
+                                 "or a budget and a layer")
+        else:
+            object.__setattr__(self, "budget", DEFAULT_BUDGET if self.budget is None else self.budget)
+            object.__setattr__(self, "layer", DEFAULT_LAYER if self.layer is None else self.layer)
 
     def stages(self) -> tuple[tuple[int, Budget], ...]:
         """The prune stages: the schedule, or the single stage ``((layer, budget),)``."""
-        return self.schedule if self.schedule is not None else ((self.layer, self.budget),)
+        if self.schedule is not None:
+            return self.schedule
+        assert self.layer is not None and self.budget is not None  # filled in by __post_init__
+        return ((self.layer, self.budget),)
 
     def replace(self, **changes: object) -> PruneConfig:
-        """A copy with some fields changed (validated like the original)."""
+        """A copy with some fields changed (validated like the original). The stages given win: a
+        new ``schedule`` drops the single stage's ``budget`` / ``layer``, and a new ``budget`` or
+        ``layer`` (without a schedule) drops the schedule."""
+        if changes.get("schedule") is not None:
+            changes = {"budget": None, "layer": None, **changes}
+        elif ({"budget", "layer"} & set(changes)) and "schedule" not in changes:
+            changes = {"schedule": None, **changes}
         return replace(self, **changes)  # type: ignore[arg-type]
 
-    def validate(self, num_layers: int) -> PruneConfig:
+    def validate(self, num_layers: int, first_layer: int = 1) -> PruneConfig:
         """Check every field against a model with ``num_layers`` decoder layers.
 
+        ``first_layer``: the earliest prune layer the selector allows (1: it scores the hidden
+        states layer 0 made; 0 for a selector that reads none, e.g. ``UniformSelector``).
         Returns ``self`` so that it can be chained. Raises ``TypeError`` / ``ValueError``
         with a message that names the accepted values. The schedule's own entries are checked by
         :func:`pio_fvlm.schedules.normalize_schedule` and the encoder settings by
         :func:`pio_fvlm.encoder.check_encoder_settings` (``wrap`` calls both).
         """
-        if self.schedule is not None and (self.budget != 64 or self.layer != 1):
-            raise ValueError("schedule= replaces budget= and layer=: pass either a schedule or a budget and layer")
-        validate_budget(self.budget)
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
-            raise TypeError(
-                f"layer must be an int, the decoder layer from which on tokens are pruned "
-                f"(1 <= layer <= {num_layers - 1}); got {self.layer!r}"
-            )
-        if not 1 <= self.layer <= num_layers - 1:
-            raise ValueError(
-                f"layer={self.layer} is out of range for a language model with {num_layers} decoder "
-                f"layers: pass 1 <= layer <= {num_layers - 1} (layer 0 must see every token so that "
-                f"there are hidden states to score; 1 is the authors' setting)"
-            )
+        if self.schedule is None:
+            validate_budget(self.budget)
+            check_layer(self.layer, num_layers, first_layer)
         check_nms_threshold(self.nms_threshold)
         check_proxy_tokens(self.proxy_tokens)
         check_flag("proxy_includes_last", self.proxy_includes_last)
@@ -103,6 +115,20 @@ class PruneConfig:
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}; got {self.positions!r}")
         return self
+
+
+def check_layer(layer: object, num_layers: int, first_layer: int = 1, what: str = "layer") -> None:
+    """Raise a clear error unless ``layer`` is a decoder layer a stage may start at: an int in
+    ``first_layer .. num_layers - 1``."""
+    span = f"{first_layer} <= {what} <= {num_layers - 1}"
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"{what} must be an int, the decoder layer from which on tokens are pruned ({span}); "
+                        f"got {layer!r}")
+    if not first_layer <= layer <= num_layers - 1:
+        why = ("layer 0 must see every token so that there are hidden states to score; 1 is the authors' setting"
+               if first_layer == 1 else "the last layer has nothing after it to prune")
+        raise ValueError(f"{what}={layer} is out of range for a language model with {num_layers} decoder layers: "
+                         f"pass {span} ({why})")
 
 
 def plain_number(value: Any) -> Any:

@@ -28,8 +28,9 @@ PRESETS: dict[str, Schedule] = {
 }
 
 
-def normalize_schedule(schedule: object, num_layers: int) -> Schedule:
-    """Check a schedule against a model with ``num_layers`` decoder layers; return it as tuples."""
+def normalize_schedule(schedule: object, num_layers: int, first_layer: int = 1) -> Schedule:
+    """Check a schedule against a model with ``num_layers`` decoder layers; return it as tuples.
+    ``first_layer``: the earliest layer a stage may start at (see :meth:`PruneConfig.validate`)."""
     hint = "pass e.g. schedule=[(1, 218), (10, 128), (15, 54)]: (layer, visual tokens kept from there on)"
     if isinstance(schedule, (str, bytes)) or not isinstance(schedule, Sequence) or len(schedule) == 0:
         raise TypeError(f"schedule must be a non-empty list of (layer, kept) pairs; {hint}; got {schedule!r}")
@@ -38,10 +39,10 @@ def normalize_schedule(schedule: object, num_layers: int) -> Schedule:
         if not isinstance(item, Sequence) or len(item) != 2:
             raise TypeError(f"each schedule entry must be a (layer, kept) pair; {hint}; got {item!r}")
         layer, kept = (plain_number(v) for v in item)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= num_layers - 1:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not first_layer <= layer <= num_layers - 1:
             raise ValueError(
-                f"schedule layer {layer!r} is out of range: each layer must be an int in 1..{num_layers - 1} "
-                f"for this {num_layers}-layer language model"
+                f"schedule layer {layer!r} is out of range: each layer must be an int in "
+                f"{first_layer}..{num_layers - 1} for this {num_layers}-layer language model"
             )
         validate_budget(kept)
         stages.append((layer, kept))

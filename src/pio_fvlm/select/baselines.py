@@ -52,6 +52,8 @@ class RandomSelector:
     """Uniformly random visual tokens, seeded. The draw is indexed by a token's rank among its
     row's visual tokens, so a sample gets the same choice alone, in a batch, or recomputed."""
 
+    first_layer = 0  # reads no hidden states: may prune before layer 0
+
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
@@ -64,7 +66,11 @@ class RandomSelector:
 
 
 class UniformSelector:
-    """Evenly spaced visual tokens (in sequence order, i.e. raster order within an image)."""
+    """Evenly spaced visual tokens (in sequence order, i.e. raster order within an image).
+    ``wrap(model, budget=64, layer=0, selector=UniformSelector())`` is the benchmark's ideal bound:
+    every decoder layer runs on the text and 64 visual tokens, chosen at no cost."""
+
+    first_layer = 0  # reads no hidden states: may prune before layer 0
 
     def __call__(self, request: SelectionRequest) -> torch.Tensor:
         cand = request.candidates

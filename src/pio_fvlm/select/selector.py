@@ -68,7 +68,11 @@ class SelectionRequest:
 
 class Selector(Protocol):
     """Returns a (B, S) bool mask with exactly ``budgets[b]`` candidates set in row b, or that
-    mask and (B, S, D) replacement hidden states for the stage's input (merging selectors)."""
+    mask and (B, S, D) replacement hidden states for the stage's input (merging selectors).
+
+    A selector may set ``first_layer = 0`` when it reads no hidden states (it may then prune
+    before decoder layer 0); without it a stage starts at layer 1 or later.
+    """
 
     def __call__(self, request: SelectionRequest) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
