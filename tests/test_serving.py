@@ -112,6 +112,11 @@ BAD_REQUESTS = {
         "does not decode to an image"),
     "a server-side file path": (chat_body("q") | {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]}, "http(s) URL or a data:image"),
+    "a video file instead of its frames": (chat_body("q") | {"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "https://example.com/clip.mp4"}}]}]}, "as its frames"),
+    "a video to a model that takes none": (chat_body("q") | {"messages": [{"role": "user", "content": [
+        {"type": "video", "video": [image_data_url(scenes(1, seed=3)[0][0])] * 2},
+        {"type": "text", "text": "how many shapes ?"}]}]}, "takes no videos"),
 }
 
 

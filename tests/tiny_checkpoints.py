@@ -39,6 +39,9 @@ CHECKPOINT_IMAGE_MARKUP = {
     "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
     "internvl": "<IMG_CONTEXT>",
 }
+# The text the chat template writes for one video part: the Qwen-VL families' processors expand it.
+CHECKPOINT_VIDEO_MARKUP = {family: "<|vision_start|><|video_pad|><|vision_end|>"
+                           for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")}
 CHAT_USER, CHAT_ASSISTANT = "USER:", "ASSISTANT:"  # the chat template's turn markers (words of the vocabulary)
 CHECKPOINT_WORDS = 100  # plain words "w0" ... "w99" follow the special tokens and the markers
 
@@ -47,12 +50,14 @@ def checkpoint_chat_template(family: str) -> str:
     """A one-line chat template: ``USER: <image markup> TEXT ASSISTANT:`` (each image part becomes
     the family's markup and a space; each assistant turn `` ASSISTANT: TEXT ``)."""
     markup = CHECKPOINT_IMAGE_MARKUP.get(family, "<image>")
+    video = CHECKPOINT_VIDEO_MARKUP.get(family, "<video>")
     return (
         "{%- for message in messages -%}"
         f"{{{{ '{CHAT_USER} ' if message['role'] == 'user' else ' {CHAT_ASSISTANT} ' }}}}"
         "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
         "{%- for part in message['content'] -%}"
         f"{{%- if part['type'] == 'image' -%}}{{{{ '{markup} ' }}}}"
+        f"{{%- elif part['type'] == 'video' -%}}{{{{ '{video} ' }}}}"
         "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}{%- endfor -%}"
         f"{{%- if add_generation_prompt -%}}{{{{ ' {CHAT_ASSISTANT}' }}}}{{%- endif -%}}"
@@ -67,6 +72,46 @@ def _no_video_processor() -> Any:
         """Stands in for the family's video processor: image requests only."""
 
     return NoVideoProcessor()
+
+
+def frames_video_processor(model: nn.Module) -> Any:
+    """A torch-only stand-in of the Qwen-VL video processor for ``model``'s tower (the real one needs
+    torchvision): each video's (T, H, W, 3) frames are resized to 4 x 4 patches of the tower, the
+    frame count padded to a multiple of the temporal patch by repeating the last frame, and cut
+    into patches in Qwen2-VL's order; it returns ``pixel_values_videos``, ``video_grid_thw`` and
+    the frames' metadata (2 frames per second), as the real one does."""
+    import numpy as np
+    from PIL import Image
+    from transformers.feature_extraction_utils import BatchFeature
+    from transformers.video_utils import VideoMetadata
+
+    _, VideoProcessorMixin, _ = video_processor_internals()
+    vision = model.config.vision_config
+
+    class FramesVideoProcessor(VideoProcessorMixin):
+        patch_size, temporal_patch_size, merge_size = (vision.patch_size, vision.temporal_patch_size,
+                                                       vision.spatial_merge_size)
+
+        def __call__(self, videos: Any, **kwargs: Any) -> BatchFeature:
+            p, tp, m = self.patch_size, self.temporal_patch_size, self.merge_size
+            side = 4 * p
+            rows, grids, metadata = [], [], []
+            for video in videos:
+                frames = [np.asarray(Image.fromarray(frame).resize((side, side), Image.BICUBIC), np.float32)
+                          / 127.5 - 1 for frame in video]
+                frames += frames[-1:] * (-len(frames) % tp)
+                x = torch.tensor(np.stack(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W)
+                t, c, h, w = x.shape
+                gt, gh, gw = t // tp, h // p, w // p
+                x = x.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+                rows.append(x.reshape(gt * gh * gw, c * tp * p * p))
+                grids.append([gt, gh, gw])
+                metadata.append(VideoMetadata(total_num_frames=len(video), fps=2.0,
+                                              frames_indices=list(range(len(video)))))
+            return BatchFeature({"pixel_values_videos": torch.cat(rows), "video_grid_thw": torch.tensor(grids),
+                                 "video_metadata": metadata})
+
+    return FramesVideoProcessor()
 
 
 @contextmanager

@@ -7,6 +7,8 @@ A row is a mapping with
   ``http(s)`` or ``data:image/...;base64,`` URL, encoded image bytes, a ``{"bytes": ...}`` struct
   (as Hugging Face datasets store images in Parquet) or an ``H x W x 3`` uint8 array (as
   ``ray.data.read_images`` gives them); none for a text-only prompt;
+- ``video`` (one) or ``videos`` (a list): a video as the list of its frames, each frame in any of
+  the image forms above (frames of one size), for models whose processor takes videos;
 - any other columns (an ``id``, say), which come back unchanged.
 
 Each row's answer adds ``answer``, ``visual_tokens_seen``, ``visual_tokens_kept``,
@@ -29,11 +31,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .core import BadRequest, BatchGenerator, ChatAnswer, ChatRequest, GenerationSettings, decode_image_url
+from .core import (
+    BadRequest,
+    BatchGenerator,
+    ChatAnswer,
+    ChatRequest,
+    GenerationSettings,
+    decode_image_url,
+    video_of_frames,
+)
 
 ANSWER_FIELDS = ("answer", "visual_tokens_seen", "visual_tokens_kept", "prompt_tokens", "completion_tokens",
                  "finish_reason", "error")
-IMAGE_FIELDS = ("image", "images")  # read into the prompt, not copied into the answer row
+IMAGE_FIELDS = ("image", "images", "video", "videos")  # read into the prompt, not copied into the answer row
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
@@ -82,18 +92,32 @@ def read_image(source: Any, root: Path | None = None) -> Any:
 
 
 def row_request(row: Mapping[str, Any], max_new_tokens: int, root: Path | None = None) -> ChatRequest:
-    """The greedy :class:`~pio_fvlm.serving.core.ChatRequest` of one row (one user turn: images, then prompt)."""
+    """The greedy :class:`~pio_fvlm.serving.core.ChatRequest` of one row (one user turn: videos, images,
+    then the prompt)."""
     prompt = plain(row.get("prompt"))
     if not isinstance(prompt, str):
         raise BadRequest(f"a row needs a 'prompt' string; got {type(prompt).__name__}")
-    image, images = plain(row.get("image")), plain(row.get("images"))
-    if image is not None and images is not None:
-        raise BadRequest("a row has 'image' or 'images', not both")
-    sources: list[Any] = [] if image is None and images is None else [image] if image is not None else list(images)
-    pictures = [read_image(source, root) for source in sources]
-    content = [{"type": "image"} for _ in pictures] + [{"type": "text", "text": prompt}]
-    return ChatRequest(messages=[{"role": "user", "content": content}], images=pictures,
+    pictures = [read_image(source, root) for source in _one_or_many(row, "image", "images")]
+    videos = []
+    for k, frames in enumerate(_one_or_many(row, "video", "videos")):
+        if getattr(frames, "ndim", None) == 4:  # a T x H x W x 3 array
+            frames = list(frames)
+        if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence):
+            raise BadRequest(f"video {k} must be a list of its frames (each a path, URL, bytes or array); "
+                             f"got {type(frames).__name__}")
+        videos.append(video_of_frames([read_image(frame, root) for frame in frames]))
+    content = ([{"type": "video"} for _ in videos] + [{"type": "image"} for _ in pictures]
+               + [{"type": "text", "text": prompt}])
+    return ChatRequest(messages=[{"role": "user", "content": content}], images=pictures, videos=videos,
                        settings=GenerationSettings(max_new_tokens=max_new_tokens, temperature=0))
+
+
+def _one_or_many(row: Mapping[str, Any], one: str, many: str) -> list[Any]:
+    """The row's ``one`` column as a list of one, or its ``many`` column (giving both is refused)."""
+    single, several = plain(row.get(one)), plain(row.get(many))
+    if single is not None and several is not None:
+        raise BadRequest(f"a row has '{one}' or '{many}', not both")
+    return [] if single is None and several is None else [single] if single is not None else list(several)
 
 
 def answer_fields(answer: ChatAnswer | None, error: str | None) -> dict[str, Any]:

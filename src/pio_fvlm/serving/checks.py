@@ -1,7 +1,8 @@
 """Checks of an OpenAI chat completion request before the model sees it.
 
-A malformed request (not JSON, no ``messages``, a message without a role, an image that is
-neither an http(s) URL nor a base64 ``data:image/...`` URL that decodes to an image) gets a
+A malformed request (not JSON, no ``messages``, a message without a role, an image or a video
+frame that is neither an http(s) URL nor a base64 ``data:image/...`` URL that decodes to an
+image, a video file instead of its frames) gets a
 message saying what is wrong; the HTTP app answers it with a 400.
 """
 
@@ -67,4 +68,27 @@ def check_chat_request(body: bytes) -> str | None:
                 problem = check_image_url(url)
                 if problem is not None:
                     return f"messages[{i}].content[{j}]: {problem}"
+            elif part["type"] == "video":
+                problem = check_video_frames(part.get("video"))
+                if problem is not None:
+                    return f"messages[{i}].content[{j}]: {problem}"
+            elif part["type"] == "video_url":
+                return (f"messages[{i}].content[{j}]: video files are not decoded here; send the video as its "
+                        f"frames: {{'type': 'video', 'video': [frame image URL, ...]}}")
+    return None
+
+
+MAX_VIDEO_FRAMES = 512
+
+
+def check_video_frames(frames: object) -> str | None:
+    """Why ``frames`` cannot be a video part's frames (a list of image URLs), or None when they can."""
+    if not isinstance(frames, list) or not frames:
+        return "a video part needs 'video': a non-empty list of its frames' image URLs"
+    if len(frames) > MAX_VIDEO_FRAMES:
+        return f"a video part has {len(frames)} frames; send at most {MAX_VIDEO_FRAMES} (sample them first)"
+    for k, url in enumerate(frames):
+        problem = check_image_url(url)
+        if problem is not None:
+            return f"video frame {k}: {problem}"
     return None

@@ -57,26 +57,30 @@ class GenerationSettings:
 class ChatRequest:
     """One chat conversation to answer.
 
-    ``messages`` are in the processor's chat format (an image part is ``{"type": "image"}``) and
-    ``images`` the PIL images of those parts, in order.
+    ``messages`` are in the processor's chat format (an image part is ``{"type": "image"}``, a
+    video part ``{"type": "video"}``), ``images`` the PIL images of the image parts and ``videos``
+    the videos of the video parts, in order: each a (T, H, W, 3) uint8 array of its frames (see
+    :func:`video_of_frames`).
     """
 
     messages: list[dict[str, Any]]
     images: list[Any] = field(default_factory=list)
     settings: GenerationSettings = field(default_factory=GenerationSettings)
+    videos: list[Any] = field(default_factory=list)
 
     def check(self) -> None:
-        """A :class:`BadRequest` unless every image part has its image (some processors would
-        silently pair them otherwise)."""
-        parts = sum(1 for m in self.messages if isinstance(m.get("content"), list)
-                    for part in m["content"] if part.get("type") == "image")
-        if parts != len(self.images):
-            raise BadRequest(f"the messages have {parts} image part(s) but {len(self.images)} image(s) were given")
+        """A :class:`BadRequest` unless every image and video part has its image or video (some
+        processors would silently pair them otherwise)."""
+        for kind, given in (("image", self.images), ("video", self.videos)):
+            parts = sum(1 for m in self.messages if isinstance(m.get("content"), list)
+                        for part in m["content"] if part.get("type") == kind)
+            if parts != len(given):
+                raise BadRequest(f"the messages have {parts} {kind} part(s) but {len(given)} {kind}(s) were given")
 
-    def group_key(self) -> tuple[GenerationSettings, bool]:
-        # Text-only and image prompts go to separate batches: a processor that expands image
-        # placeholders wants images for every row of a batch that has any.
-        return self.settings, bool(self.images)
+    def group_key(self) -> tuple[GenerationSettings, bool, bool]:
+        # Text-only, image and video prompts go to separate batches: a processor that expands
+        # placeholders wants images (videos) for every row of a batch that has any.
+        return self.settings, bool(self.images), bool(self.videos)
 
 
 @dataclass(frozen=True)
@@ -124,11 +128,28 @@ def decode_image_url(url: str) -> Any:
         raise BadRequest(f"the image {url[:40]!r}... does not decode to an image") from error
 
 
+def video_of_frames(frames: Sequence[Any]) -> Any:
+    """A video as the processors take it, (T, H, W, 3) uint8, from its frames (PIL images of one size)."""
+    import numpy as np
+
+    if not frames:
+        raise BadRequest("a video needs at least one frame")
+    sizes = [frame.size for frame in frames]
+    if len(set(sizes)) > 1:
+        odd = next(i for i, size in enumerate(sizes) if size != sizes[0])
+        raise BadRequest(f"a video's frames must share one size: frame 0 is {sizes[0][0]} x {sizes[0][1]}, "
+                         f"frame {odd} is {sizes[odd][0]} x {sizes[odd][1]}")
+    return np.stack([np.asarray(frame.convert("RGB"), dtype=np.uint8) for frame in frames])
+
+
 def chat_request_from_openai(payload: dict[str, Any]) -> ChatRequest:
     """A :class:`ChatRequest` from an OpenAI chat completion body (checked already by
-    :func:`pio_fvlm.serving.http.check_chat_request`): ``image_url`` parts become image parts."""
+    :func:`pio_fvlm.serving.checks.check_chat_request`): ``image_url`` parts become image parts, and
+    ``{"type": "video", "video": [frame URL, ...]}`` parts (a video as its frames, as Qwen's API
+    takes it) video parts."""
     messages: list[dict[str, Any]] = []
     images: list[Any] = []
+    videos: list[Any] = []
     for message in payload["messages"]:
         content = message.get("content")
         if content is None or isinstance(content, str):
@@ -140,10 +161,14 @@ def chat_request_from_openai(payload: dict[str, Any]) -> ChatRequest:
                 image = part["image_url"]
                 images.append(decode_image_url(image["url"] if isinstance(image, dict) else image))
                 parts.append({"type": "image"})
+            elif part["type"] == "video":
+                videos.append(video_of_frames([decode_image_url(url) for url in part["video"]]))
+                parts.append({"type": "video"})
             elif part["type"] == "text":
                 parts.append({"type": "text", "text": str(part.get("text", ""))})
             else:
-                raise BadRequest(f"content parts of type {part['type']!r} are not served; use 'text' and 'image_url'")
+                raise BadRequest(f"content parts of type {part['type']!r} are not served; use 'text', 'image_url' "
+                                 f"and 'video' (frames as a list of image URLs)")
         messages.append({"role": message["role"], "content": parts})
     max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
     settings = GenerationSettings(
@@ -154,7 +179,7 @@ def chat_request_from_openai(payload: dict[str, Any]) -> ChatRequest:
     )
     if payload.get("n", 1) != 1:
         raise BadRequest("only n=1 is served: send one request per answer")
-    return ChatRequest(messages=messages, images=images, settings=settings)
+    return ChatRequest(messages=messages, images=images, settings=settings, videos=videos)
 
 
 def _optional(value: Any, name: str, kind: type, minimum: float | None) -> Any:
@@ -222,7 +247,7 @@ class BatchGenerator:
         """Per request, its answer or the exception that stopped it. ``on_text[i]`` (if given)
         receives request ``i``'s answer text piece by piece while it is generated."""
         callbacks = list(on_text) if on_text is not None else [None] * len(requests)
-        groups: dict[tuple[GenerationSettings, bool], list[int]] = {}
+        groups: dict[tuple[GenerationSettings, bool, bool], list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(request.group_key(), []).append(index)
         results: list[ChatAnswer | Exception | None] = [None] * len(requests)
@@ -252,9 +277,14 @@ class BatchGenerator:
         texts = [self.processor.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
                  for r in requests]
         images = [image for r in requests for image in r.images]
+        videos = [video for r in requests for video in r.videos]
         kwargs: dict[str, Any] = {"text": texts, "padding": True, "return_tensors": "pt"}
         if images:
             kwargs["images"] = images
+        if videos:
+            if getattr(self.processor, "video_processor", None) is None:
+                raise BadRequest("this model's processor takes no videos: send images")
+            kwargs["videos"] = videos
         try:
             inputs = self.processor(**kwargs)
         except (ValueError, TypeError, IndexError) as error:
