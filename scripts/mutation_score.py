@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # module (under src/pio_fvlm/) -> the test files that cover it
 TARGETS: dict[str, list[str]] = {
     "select/nms.py": ["tests/test_nms.py", "tests/test_selection.py"],
-    "config.py": ["tests/test_config_errors.py", "tests/test_api_conveniences.py"],
+    "config.py": ["tests/test_config_errors.py", "tests/test_api_conveniences.py", "tests/test_planning.py"],
+    "planning.py": ["tests/test_planning.py", "tests/test_config_errors.py", "tests/test_schedules.py",
+                    "tests/test_selector_settings.py"],
     "schedules.py": ["tests/test_schedules.py"],
     "runtime/plan.py": ["tests/test_runtime.py", "tests/test_schedules.py", "tests/test_properties.py"],
     "runtime/masks.py": ["tests/test_runtime.py"],

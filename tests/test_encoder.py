@@ -62,7 +62,7 @@ def test_encoder_mode_errors(model):
         pio_fvlm.wrap(model, budget=4, encoder="visionzip")
     with pytest.raises(ValueError, match="encoder must be one of"):
         pio_fvlm.wrap(model, budget=4, encoder="zip", encoder_budget=8)
-    with pytest.raises(ValueError, match="encoder must be one of"):
+    with pytest.raises(ValueError, match="encoder_budget=8 needs an encoder mode: pass encoder='visionzip'"):
         pio_fvlm.wrap(model, budget=4, encoder_budget=8)
 
 

@@ -10,11 +10,17 @@ import torch
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="install the [lmms] extra (CI does)")
 
-from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from pio_fvlm import is_wrapped, last_selection, wrap  # noqa: E402
 from pio_fvlm.integrations.lmms_eval import PioFvlm, requests_for  # noqa: E402
-from tiny_checkpoints import CHAT_ASSISTANT, CHAT_USER, CHECKPOINT_IMAGE_MARKUP, images_only_processors, tiny_checkpoint  # noqa: E402
+from tiny_checkpoints import (  # noqa: E402
+    CHAT_ASSISTANT,
+    CHAT_USER,
+    CHECKPOINT_IMAGE_MARKUP,
+    images_only_processors,
+    load_checkpoint,
+    tiny_checkpoint,
+)
 from tiny_models import FAMILIES  # noqa: E402
 
 BUDGET = 3  # below every image's visual-token count (4 to 24 here): every sample is pruned
@@ -47,9 +53,7 @@ def checkpoint(request, tmp_path_factory):
 
 def _by_hand(family, folder, prune):
     """Each document alone: the template's text written out, processor, generate, decode."""
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    with images_only_processors():
-        processor = AutoProcessor.from_pretrained(folder)
+    model, processor = load_checkpoint(folder)
     if prune:
         wrap(model, budget=BUDGET)
     markup = CHECKPOINT_IMAGE_MARKUP.get(family, "<image>")

@@ -128,3 +128,25 @@ def test_an_encoder_mode_owns_layer_0():
     assert [s.layer for s in plan.stages] == [0, 1] and plan.extra_hooks
     assert plan.stages[1] == Stage(1, 5, plan.stages[1].selector)
     assert not pio_fvlm.is_wrapped(model) and _hooks(model) == _hooks(tiny_vlm("llava"))
+
+
+def test_an_encoder_mode_owns_layer_0_in_a_schedule_too():
+    model = tiny_vlm("llava")
+    with pytest.raises(ValueError, match="already reduces the visual tokens before layer 0"):
+        plan_pruning(model, PruneConfig(schedule=((0, 6), (2, 3)), encoder="visionzip", encoder_budget=8),
+                     UniformSelector())
+
+
+@pytest.mark.parametrize("settings, words", [({"encoder_budget": 8}, "needs an encoder mode: pass encoder="),
+                                             ({"encoder": "visionzip"}, "needs encoder_budget")])
+def test_an_encoder_setting_alone_is_refused_when_planned(settings, words):
+    with pytest.raises(ValueError, match=words):
+        plan_pruning(tiny_vlm("llava"), PruneConfig(budget=5, **settings))
+
+
+def test_a_plan_is_a_value():
+    plan = plan_pruning(tiny_vlm("llava"), PruneConfig(budget=5))
+    with pytest.raises(AttributeError):
+        plan.stages[0].layer = 2  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        plan.stages = ()  # type: ignore[misc]

@@ -4,13 +4,12 @@ visual tokens seen and kept are each request's own, and a bad request fails alon
 
 import numpy as np
 import pytest
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import INVARIANT_FAMILIES
 from pio_fvlm import wrap
 from pio_fvlm.serving.client import chat_body
 from pio_fvlm.serving.core import BadRequest, BatchGenerator, ChatAnswer, chat_request_from_openai
-from tiny_checkpoints import images_only_processors, tiny_checkpoint
+from tiny_checkpoints import load_checkpoint, tiny_checkpoint
 
 BUDGET = 3  # below every image's visual-token count here: every request with an image is pruned
 QUESTIONS = [("w1 w2 w3 w4", (40, 40)), ("w5 w6", (50, 120)), ("w7 w8 w9", (120, 60)), ("w10", None)]
@@ -27,10 +26,8 @@ def _image(size, seed):
 @pytest.fixture(scope="module", params=INVARIANT_FAMILIES)
 def generator(request, tmp_path_factory):
     folder = tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
-    model = wrap(AutoModelForImageTextToText.from_pretrained(folder).eval(), budget=BUDGET)
-    with images_only_processors():
-        processor = AutoProcessor.from_pretrained(folder)
-    return BatchGenerator(model, processor)
+    model, processor = load_checkpoint(folder)
+    return BatchGenerator(wrap(model, budget=BUDGET), processor)
 
 
 def _requests():

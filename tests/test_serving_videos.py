@@ -11,14 +11,13 @@ import json
 
 import numpy as np
 import pytest
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pio_fvlm import wrap
 from pio_fvlm.serving.batch_rows import answer_rows, row_request
 from pio_fvlm.serving.checks import check_chat_request
 from pio_fvlm.serving.client import image_data_url
 from pio_fvlm.serving.core import BadRequest, BatchGenerator, ChatAnswer, chat_request_from_openai
-from tiny_checkpoints import frames_video_processor, images_only_processors, tiny_checkpoint
+from tiny_checkpoints import frames_video_processor, load_checkpoint, tiny_checkpoint
 
 BUDGET = 3
 VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -41,11 +40,9 @@ def _video_body(text, frames, image=None, max_tokens=3):
 @pytest.fixture(scope="module", params=VIDEO_FAMILIES)
 def generator(request, tmp_path_factory):
     folder = tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
-    model = wrap(AutoModelForImageTextToText.from_pretrained(folder).eval(), budget=BUDGET)
-    with images_only_processors():
-        processor = AutoProcessor.from_pretrained(folder)
+    model, processor = load_checkpoint(folder)
     processor.video_processor = frames_video_processor(model)
-    return BatchGenerator(model, processor)
+    return BatchGenerator(wrap(model, budget=BUDGET), processor)
 
 
 def _requests():
@@ -96,8 +93,8 @@ def test_a_batch_row_with_a_video_is_answered_as_the_core_answers_it(generator):
 
 def test_a_processor_without_videos_refuses_them_with_a_message(tmp_path):
     folder = tiny_checkpoint("llava", tmp_path)
-    generator = BatchGenerator(wrap(AutoModelForImageTextToText.from_pretrained(folder).eval(), budget=BUDGET),
-                               AutoProcessor.from_pretrained(folder))
+    model, processor = load_checkpoint(folder)
+    generator = BatchGenerator(wrap(model, budget=BUDGET), processor)
     answer = generator.generate([chat_request_from_openai(_video_body("w1", [_frame(1), _frame(2)]))])[0]
     assert isinstance(answer, BadRequest) and "takes no videos" in str(answer)
 

@@ -230,3 +230,14 @@ def tiny_checkpoint(family: str, folder: str | Path, *, num_layers: int = 4, see
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def load_checkpoint(folder: str | Path) -> tuple[nn.Module, Any]:
+    """The model (in eval mode) and the processor of a folder :func:`tiny_checkpoint` saved, loaded by
+    ``AutoModelForImageTextToText`` and ``AutoProcessor`` as a real checkpoint is."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    with images_only_processors():
+        processor = AutoProcessor.from_pretrained(folder)
+    return model, processor

@@ -18,6 +18,9 @@ Hooks = list[tuple[nn.Module, Any]]  # (module, forward pre-hook with kwargs)
 
 def check_encoder_settings(encoder: object, encoder_budget: object) -> None:
     """Raise a clear error unless ``encoder`` names an encoder mode and ``encoder_budget`` is a count."""
+    if encoder is None:
+        raise ValueError(f"encoder_budget={encoder_budget!r} needs an encoder mode: pass encoder='visionzip' with it, "
+                         f"or leave encoder_budget out")
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS} or None; got {encoder!r}")
     if isinstance(encoder_budget, bool) or not isinstance(encoder_budget, int) or encoder_budget < 1:
