@@ -201,6 +201,9 @@ def test_mixed_attention_mask_errors(model):
     bad = dict(inputs, attention_mask=inputs["attention_mask"][:, None, None, :].float())
     with pytest.raises(ValueError, match="2-D padding attention_mask"):
         model(**bad)
+    for mask in (inputs["attention_mask"][:, None, :], inputs["attention_mask"][0]):  # 3-D and 1-D
+        with pytest.raises(ValueError, match=f"got a {mask.dim()}-D mask"):
+            model(**dict(inputs, attention_mask=mask))
 
 
 class FullLayerProbeSelector(pio_fvlm.PioSelector):
