@@ -122,3 +122,20 @@ def with_cache(model, cache) -> dict:
 
 
 SERVING_BUDGET = 48  # the budget of the servers the serving tests start
+
+
+def assert_batch_answers_equal_alone(generator, requests) -> list:
+    """``generator`` (a serving BatchGenerator) answers ``requests`` together; every answer equals
+    the one the request gets alone (text, token counts, visual tokens seen and kept). Returns the
+    batched answers."""
+    from pio_fvlm.serving.core import ChatAnswer
+
+    batched = generator.generate(requests)
+    assert all(isinstance(answer, ChatAnswer) for answer in batched), batched
+    for request, answer in zip(requests, batched):
+        alone = generator.generate([request])[0]
+        assert isinstance(alone, ChatAnswer)
+        assert (answer.text, answer.completion_tokens, answer.prompt_tokens) == (
+            alone.text, alone.completion_tokens, alone.prompt_tokens)
+        assert (answer.visual_seen, answer.visual_kept) == (alone.visual_seen, alone.visual_kept)
+    return batched

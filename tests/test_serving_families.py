@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import INVARIANT_FAMILIES
+from helpers import assert_batch_answers_equal_alone
 from pio_fvlm import wrap
 from pio_fvlm.serving.client import chat_body
 from pio_fvlm.serving.core import BadRequest, BatchGenerator, ChatAnswer, chat_request_from_openai
@@ -38,15 +39,8 @@ def _requests():
 
 def test_batched_answers_equal_each_request_alone(generator):
     requests = _requests()
-    batched = generator.generate(requests)
-    assert all(isinstance(answer, ChatAnswer) for answer in batched), batched
+    batched = assert_batch_answers_equal_alone(generator, requests)
     assert [a.batch_size for a in batched] == [3, 3, 3, 1]  # the text-only request goes alone
-    for request, answer in zip(requests, batched):
-        alone = generator.generate([request])[0]
-        assert isinstance(alone, ChatAnswer)
-        assert (answer.text, answer.completion_tokens, answer.prompt_tokens) == (
-            alone.text, alone.completion_tokens, alone.prompt_tokens)
-        assert (answer.visual_seen, answer.visual_kept) == (alone.visual_seen, alone.visual_kept)
     assert all(a.visual_seen > BUDGET and a.visual_kept == BUDGET for a in batched[:3])
     assert (batched[3].visual_seen, batched[3].visual_kept) == (0, 0)
 

@@ -12,11 +12,12 @@ import json
 import numpy as np
 import pytest
 
+from helpers import assert_batch_answers_equal_alone
 from pio_fvlm import wrap
 from pio_fvlm.serving.batch_rows import answer_rows, row_request
 from pio_fvlm.serving.checks import check_chat_request
 from pio_fvlm.serving.client import image_data_url
-from pio_fvlm.serving.core import BadRequest, BatchGenerator, ChatAnswer, chat_request_from_openai
+from pio_fvlm.serving.core import BadRequest, BatchGenerator, chat_request_from_openai
 from tiny_checkpoints import frames_video_processor, load_checkpoint, tiny_checkpoint
 
 BUDGET = 3
@@ -53,15 +54,8 @@ def _requests():
 
 def test_video_answers_in_a_batch_equal_each_request_alone(generator):
     requests = _requests()
-    batched = generator.generate(requests)
-    assert all(isinstance(a, ChatAnswer) for a in batched), batched
+    batched = assert_batch_answers_equal_alone(generator, requests)
     assert [a.batch_size for a in batched] == [2, 2, 1]  # video + image prompts in a batch of their own
-    for request, answer in zip(requests, batched):
-        alone = generator.generate([request])[0]
-        assert isinstance(alone, ChatAnswer)
-        assert (answer.text, answer.completion_tokens, answer.prompt_tokens) == (
-            alone.text, alone.completion_tokens, alone.prompt_tokens)
-        assert (answer.visual_seen, answer.visual_kept) == (alone.visual_seen, alone.visual_kept)
     # 4 x 4 patches per frame pair merged 2 x 2: 4 tokens per 2 frames; the image adds its own
     assert [a.visual_seen for a in batched[:2]] == [8, 4]
     assert batched[2].visual_seen > 4

@@ -117,17 +117,17 @@ class PruneConfig:
         return self
 
 
-def check_layer(layer: object, num_layers: int, first_layer: int = 1, what: str = "layer") -> None:
+def check_layer(layer: object, num_layers: int, first_layer: int = 1) -> None:
     """Raise a clear error unless ``layer`` is a decoder layer a stage may start at: an int in
     ``first_layer .. num_layers - 1``."""
-    span = f"{first_layer} <= {what} <= {num_layers - 1}"
+    span = f"{first_layer} <= layer <= {num_layers - 1}"
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"{what} must be an int, the decoder layer from which on tokens are pruned ({span}); "
+        raise TypeError(f"layer must be an int, the decoder layer from which on tokens are pruned ({span}); "
                         f"got {layer!r}")
     if not first_layer <= layer <= num_layers - 1:
         why = ("layer 0 must see every token so that there are hidden states to score; 1 is the authors' setting"
                if first_layer == 1 else "the last layer has nothing after it to prune")
-        raise ValueError(f"{what}={layer} is out of range for a language model with {num_layers} decoder layers: "
+        raise ValueError(f"layer={layer} is out of range for a language model with {num_layers} decoder layers: "
                          f"pass {span} ({why})")
 
 
